@@ -1,0 +1,92 @@
+"""The EMA teacher (cosmos_method.md §2).
+
+* :func:`build_teacher` — a deep copy of the student with every parameter frozen, kept in fp32.
+* :func:`ema_update` — θ_T ← m·θ_T + (1 − m)·θ_S for every parameter pair (matched by name),
+  with ``torch._foreach`` ops: a handful of kernel launches for the whole model.
+* :class:`MomentumSchedule` — fixed m (every released script) or the cosine ramp
+  m(step) = 1 − (1 − m₀)·½(1 + cos(π·step/S)).
+* :func:`clamp_logit_scales` — both logit scales into [0, ln 100], applied to student and teacher
+  after every optimizer step.
+* ``EMA_ORDERS``: the official order updates the teacher after ``backward`` and *before* the
+  optimizer step (so it averages in the weights used by this step's forward); ``"after_step"``
+  averages in the freshly updated weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .model.cosmos import LOGIT_SCALE_MAX
+
+EMA_ORDERS = ("before_step", "after_step")
+SCALE_NAMES = ("logit_scale", "distill_logit_scale")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def build_teacher(student: nn.Module) -> nn.Module:
+    """Teacher = copy of the (unwrapped) student, fp32, without gradients."""
+    teacher = copy.deepcopy(_unwrap(student)).float()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _param_pairs(teacher: nn.Module, student: nn.Module):
+    tp = dict(_unwrap(teacher).named_parameters())
+    sp = dict(_unwrap(student).named_parameters())
+    if tp.keys() != sp.keys():
+        only_t, only_s = sorted(tp.keys() - sp.keys()), sorted(sp.keys() - tp.keys())
+        raise ValueError(f"teacher and student parameters differ: teacher-only {only_t[:10]}, "
+                         f"student-only {only_s[:10]}")
+    for name in tp:
+        if tp[name].shape != sp[name].shape:
+            raise ValueError(f"parameter {name}: teacher {tuple(tp[name].shape)} vs student "
+                             f"{tuple(sp[name].shape)}")
+    names = list(tp)
+    return [tp[n] for n in names], [sp[n].detach() for n in names]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """θ_T ← m·θ_T + (1 − m)·θ_S over all parameters (buffers are not averaged)."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
+    t_params, s_params = _param_pairs(teacher, student)
+    if any(s.dtype != t.dtype for t, s in zip(t_params, s_params)):
+        s_params = [s.to(t.dtype) for t, s in zip(t_params, s_params)]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def clamp_logit_scales(*models: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> None:
+    """Clamp ``logit_scale`` and ``distill_logit_scale`` into [0, ln 100] in place."""
+    for model in models:
+        model = _unwrap(model)
+        for name in SCALE_NAMES:
+            p = getattr(model, name, None)
+            if p is not None:
+                p.clamp_(0.0, max_value)
+
+
+class MomentumSchedule:
+    """EMA momentum per optimizer step: ``fixed`` (m₀) or ``cosine`` (m₀ → 1 over ``total_steps``)."""
+
+    def __init__(self, base: float = 0.999, kind: str = "fixed", total_steps: int | None = None):
+        if not 0.0 <= base <= 1.0:
+            raise ValueError(f"EMA momentum must lie in [0, 1], got {base}")
+        if kind not in ("fixed", "cosine"):
+            raise ValueError(f"momentum schedule must be 'fixed' or 'cosine', got {kind!r}")
+        if kind == "cosine" and (not total_steps or total_steps <= 0):
+            raise ValueError(f"the cosine momentum schedule needs total_steps > 0, got {total_steps!r}")
+        self.base, self.kind, self.total_steps = base, kind, total_steps
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "fixed":
+            return self.base
+        return 1.0 - (1.0 - self.base) * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))

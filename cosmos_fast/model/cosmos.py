@@ -1,0 +1,186 @@
+"""The COSMOS CLIP: open_clip ViT image tower + text transformer + two cross-attention poolers.
+
+Parameter names, shapes and state-dict order are those of the official COSMOS checkpoints
+(cosmos_method.md §1.10): the text tower sits at the top level (``transformer.*``,
+``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection``), the image pooler
+at ``visual.attn_cross_pool`` and the text pooler at ``text_attn_cross_pool``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, resolve_model_config
+from .layers import LayerNorm, Transformer, VisionTower
+from .pooler import CrossAttentionPooler
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class CosmosCLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig, pool_impl: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.pool_impl = pool_impl
+        v, t, d = cfg.vision_cfg, cfg.text_cfg, cfg.embed_dim
+        self.embed_dim = d
+        self.context_length, self.vocab_size = t.context_length, t.vocab_size
+        # parameters first: their order is the state-dict order of the official files
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.text_projection = nn.Parameter(torch.empty(t.width, d))
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.distill_logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.visual = VisionTower(v.image_size, v.patch_size, v.width, v.layers, v.heads,
+                                  v.mlp_ratio, output_dim=d)
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.ln_final = LayerNorm(t.width)
+        self.text_attn_cross_pool = CrossAttentionPooler(t.width, t.width, n_head=8)
+        self.image_token_mapping = nn.Linear(v.width, d)
+        self.text_token_mapping = nn.Linear(t.width, d)
+        self._init_text()
+
+    # ------------------------------------------------------------------ init
+    def _init_text(self) -> None:
+        t = self.cfg.text_cfg
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        attn_std = t.width ** -0.5
+        proj_std = t.width ** -0.5 * (2 * t.layers) ** -0.5
+        fc_std = (2 * t.width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=t.width ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.transformer.grad_checkpointing = enable
+
+    # --------------------------------------------------------------- encoders
+    def encode_image(self, image: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+        """Global image embedding (N×D); with ``return_tokens`` also the patch tokens after
+        ``ln_post`` (N×g²×width, no CLS, not mapped) for dense tasks."""
+        f, tokens = self.visual(image, return_tokens=True)
+        if normalize:
+            f = F.normalize(f, dim=-1)
+        return (f, tokens) if return_tokens else f
+
+    def _check_text(self, text: torch.Tensor) -> None:
+        if text.dim() != 2 or text.shape[1] != self.context_length:
+            raise ValueError(f"captions must be (N, {self.context_length}) token ids, got shape "
+                             f"{tuple(text.shape)}")
+        if text.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"captions must be integer token ids, got dtype {text.dtype}")
+        if not text.is_cuda and text.numel() and (text.min() < 0 or text.max() >= self.vocab_size):
+            raise ValueError(f"caption token ids must lie in [0, {self.vocab_size}), got range "
+                             f"[{int(text.min())}, {int(text.max())}]")
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+        """Global text embedding (N×D) from the first EOT (argmax id); with ``return_tokens`` also
+        all positions after ``ln_final`` (N×L×width, not mapped)."""
+        self._check_text(text)
+        x = self.token_embedding(text) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        x = self.ln_final(self.transformer(x, causal=True))
+        pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+        g = pooled @ self.text_projection
+        if normalize:
+            g = F.normalize(g, dim=-1)
+        return (g, x) if return_tokens else g
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, images, captions: torch.Tensor, batch_size: int | None = None) -> dict:
+        """Student path with ``batch_size`` (crop list + caption-major captions), otherwise the
+        teacher / evaluation path (one image batch, unimodal features only)."""
+        if batch_size is None:
+            if isinstance(images, (list, tuple)):
+                images = torch.cat(list(images))
+            return {
+                "image_features": self.encode_image(images),
+                "text_features": self.encode_text(captions),
+                "logit_scale": self.logit_scale.exp(),
+                "distill_logit_scale": self.distill_logit_scale.exp(),
+            }
+        return self.forward_multicrop(images, captions, batch_size)
+
+    def _check_multicrop(self, crops, captions, batch_size: int) -> int:
+        if not isinstance(crops, (list, tuple)):
+            raise TypeError(f"crops must be a list of image tensors, got {type(crops).__name__}")
+        if len(crops) < 2:
+            raise ValueError(f"crop list has length {len(crops)}; COSMOS needs 2 global crops "
+                             f"followed by the local crops")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for i, c in enumerate(crops):
+            if not torch.is_tensor(c) or c.dim() != 4 or c.shape[0] != batch_size:
+                shape = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
+                raise ValueError(f"crop {i} must be a {batch_size}×3×H×W tensor, got {shape}")
+        if crops[0].shape != crops[1].shape:
+            raise ValueError(f"the two global crops differ in size: {tuple(crops[0].shape)} vs "
+                             f"{tuple(crops[1].shape)}")
+        n = captions.shape[0]
+        if captions.dim() != 2 or n % batch_size or n < batch_size:
+            raise ValueError(f"captions of shape {tuple(captions.shape)}: the row count {n} is not "
+                             f"a positive multiple of batch_size {batch_size}")
+        return n // batch_size
+
+    def _encode_crop_runs(self, crops: Sequence[torch.Tensor]):
+        """One tower call per run of equal-size crops; tokens kept for the first run only."""
+        feats, tokens, start = [], None, 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            x = torch.cat(list(crops[start:end])) if end - start > 1 else crops[start]
+            if start == 0:
+                f, tokens = self.visual(x, return_tokens=True)
+            else:
+                f = self.visual(x)
+            feats.append(f)
+            start = end
+        return torch.cat(feats), tokens
+
+    def forward_multicrop(self, crops, captions: torch.Tensor, batch_size: int) -> dict:
+        from ..ops import cross_pool
+
+        b = batch_size
+        n_caps = self._check_multicrop(crops, captions, b)
+        n_crops = len(crops)
+        f, img_tokens = self._encode_crop_runs(crops)                     # (n_crops·B)×D
+        g, txt_tokens = self.encode_text(captions, normalize=False, return_tokens=True)
+        # contexts: global crop 0 and global caption 0 only; mappings only on the rows used
+        p_img = self.image_token_mapping(img_tokens[:b])                   # B × g² × D
+        p_txt = self.text_token_mapping(txt_tokens[:b])                    # B × L × D
+        d = f.shape[-1]
+        q_img = f.view(n_crops, b, d).transpose(0, 1)                      # B × n_crops × D
+        q_txt = g.view(n_caps, b, d).transpose(0, 1)                       # B × n_caps × D
+        xi = cross_pool(self.text_attn_cross_pool, p_txt, q_img, impl=self.pool_impl)
+        xt = cross_pool(self.visual.attn_cross_pool, p_img, q_txt, impl=self.pool_impl)
+        return {
+            "image_features": F.normalize(f, dim=-1),
+            "text_features": F.normalize(g, dim=-1),
+            "img_crossmodal_features": xi.transpose(0, 1).reshape(n_crops * b, d),
+            "txt_crossmodal_features": xt.transpose(0, 1).reshape(n_caps * b, d),
+            "logit_scale": self.logit_scale.exp(),
+            "distill_logit_scale": self.distill_logit_scale.exp(),
+        }
+
+
+def create_model(cfg="tiny", device=None, dtype=None, pool_impl: str = "auto") -> CosmosCLIP:
+    """Build a COSMOS CLIP from a name (``"ViT-B-16"``, ``"ViT-B-32"``, ``"tiny"``, any open_clip
+    ViT config) or an open_clip-style dict. Weights are random (official initialisation)."""
+    cfg = resolve_model_config(cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = CosmosCLIP(cfg, pool_impl=pool_impl)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+

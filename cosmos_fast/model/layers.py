@@ -1,0 +1,174 @@
+"""Transformer building blocks with the open_clip / COSMOS parameter names.
+
+Every module here keeps the official state-dict keys (``attn.in_proj_weight``, ``attn.in_proj_bias``,
+``attn.out_proj.*``, ``ln_1.*``, ``ln_2.*``, ``mlp.c_fc.*``, ``mlp.c_proj.*``) so released COSMOS and
+open_clip checkpoints load with ``strict=True``. Layout is batch-first throughout.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (eps 1e-5) that returns the input dtype; under autocast it computes in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class PackedAttention(nn.Module):
+    """Multi-head attention weights in ``nn.MultiheadAttention``'s packed layout.
+
+    Holds ``in_proj_weight`` (3W×W), ``in_proj_bias`` (3W) and ``out_proj`` (W→W) with
+    ``nn.MultiheadAttention``'s default initialisation. ``forward`` is self-attention; the
+    cross-attention pooler reads the same weights through :meth:`project`.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by heads {heads}")
+        self.width, self.heads = width, heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def project(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """Apply the q (0), k (1) or v (2) input projection to ``x`` (..., W)."""
+        w = self.width
+        return F.linear(x, self.in_proj_weight[which * w:(which + 1) * w],
+                        self.in_proj_bias[which * w:(which + 1) * w])
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        return x.view(n, length, self.heads, self.width // self.heads).transpose(1, 2)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(n, length, self.width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        n, length, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return self.out_proj(self.merge_heads(attention(q, k, v, causal=causal)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with exact GELU."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = LayerNorm(width)
+        self.attn = PackedAttention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width)))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
+        return x
+
+
+def resample_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """COSMOS' per-forward resampling of a (1 + g0², C) positional table to (1 + grid², C).
+
+    Bicubic (a = -0.75, clamped borders, ``align_corners=False``, no antialias) with the explicit
+    scale factor ((grid + 0.1) / g0) in both directions, so source coordinates are
+    (j + 0.5)·g0/(grid + 0.1) − 0.5. The CLS row is kept as is. Gradients flow into ``pos``.
+    """
+    cls, patch = pos[:1], pos[1:]
+    g0 = math.isqrt(patch.shape[0])
+    if g0 * g0 != patch.shape[0]:
+        raise ValueError(f"positional table has {patch.shape[0]} patch rows, not a square grid")
+    channels = patch.shape[1]
+    scale = (grid + 0.1) / g0
+    patch = patch.reshape(1, g0, g0, channels).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if patch.shape[-2:] != (grid, grid):
+        raise RuntimeError(f"positional resampling produced {tuple(patch.shape[-2:])}, "
+                           f"expected ({grid}, {grid})")
+    patch = patch.permute(0, 2, 3, 1).reshape(grid * grid, channels)
+    return torch.cat([cls, patch], dim=0)
+
+
+class VisionTower(nn.Module):
+    """ViT image tower (``visual.*`` keys), owner of the image cross-attention pooler.
+
+    ``forward(x)`` on N×3×H×H returns the global embedding f (N×D, un-normalised) and, with
+    ``return_tokens``, the patch tokens after ``ln_post`` without CLS (N×g²×width).
+    """
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 mlp_ratio: float, output_dim: int, pooler_heads: int = 8):
+        super().__init__()
+        from .pooler import CrossAttentionPooler
+
+        if image_size % patch_size:
+            raise ValueError(f"vision_cfg.image_size {image_size} is not a multiple of "
+                             f"vision_cfg.patch_size {patch_size}")
+        self.image_size, self.patch_size, self.width = image_size, patch_size, width
+        self.grid = image_size // patch_size
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        self.attn_cross_pool = CrossAttentionPooler(output_dim, output_dim, n_head=pooler_heads)
+        self.ln_post = LayerNorm(width)
+
+    def check_input(self, x: torch.Tensor) -> int:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"image batch must be N×3×H×W, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h != w:
+            raise ValueError(f"image size {h}×{w} is not square")
+        if h % self.patch_size:
+            raise ValueError(f"image size {h} is not a multiple of the patch size {self.patch_size}")
+        return h // self.patch_size
+
+    def pos_embed(self, grid: int) -> torch.Tensor:
+        if grid == self.grid:
+            return self.positional_embedding
+        return resample_pos_embed(self.positional_embedding, grid)
+
+    def forward(self, x: torch.Tensor, return_tokens: bool = False):
+        grid = self.check_input(x)
+        x = self.conv1(x).flatten(2).transpose(1, 2)                  # N × g² × width
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed(grid).to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        x = self.ln_post(x)
+        f = x[:, 0] @ self.proj
+        return (f, x[:, 1:]) if return_tokens else f

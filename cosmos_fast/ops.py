@@ -1,0 +1,50 @@
+"""The one switch that decides how each fused op runs.
+
+Ops and the implementations available today:
+
+* ``cross_pool(pooler, context, queries, impl)`` → norm(queries + pooler(context, queries)), (B, n, D)
+    - ``"shared"``    : LN_k and K/V once per sample (the pooler module's own forward; default)
+    - ``"reference"`` : the official repeat-the-context formulation (cosmos_fast.reference)
+* ``contrastive`` (the COSMOS loss) is selected through ``CosmosLoss(impl=...)``:
+    - ``"reference"`` : per-pair B×B logits, exactly the official loss
+
+``"auto"`` picks the fastest implementation available for the inputs. The environment variable
+``COSMOS_FAST_IMPL`` (e.g. ``reference``) overrides ``"auto"`` everywhere for debugging.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .reference.cross_pool import cross_pool_reference
+
+CROSS_POOL_IMPLS = ("shared", "reference")
+CONTRASTIVE_IMPLS = ("reference",)
+
+
+def _resolve(impl: str, available: tuple, op: str, default: str) -> str:
+    if impl == "auto":
+        impl = os.environ.get("COSMOS_FAST_IMPL", default)
+        if impl not in available:      # an override naming another op's impl falls back
+            impl = default
+    if impl not in available:
+        raise ValueError(f"unknown {op} implementation {impl!r}; available: {('auto',) + available}")
+    return impl
+
+
+def resolve_cross_pool_impl(impl: str = "auto") -> str:
+    return _resolve(impl, CROSS_POOL_IMPLS, "cross_pool", "shared")
+
+
+def resolve_contrastive_impl(impl: str = "auto") -> str:
+    return _resolve(impl, CONTRASTIVE_IMPLS, "contrastive", "reference")
+
+
+def cross_pool(pooler, context: torch.Tensor, queries: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Cross-modal features norm(q + attn(LN_q(q), LN_k(C))) for (B, n, D) queries over (B, L, D) context."""
+    impl = resolve_cross_pool_impl(impl)
+    if impl == "reference":
+        return cross_pool_reference(pooler, context, queries)
+    return F.normalize(queries + pooler(context, queries), dim=-1)

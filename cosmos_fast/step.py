@@ -1,0 +1,52 @@
+"""One COSMOS training step (cosmos_method.md Appendix A), shared by the trainer, demo and tests."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .ema import EMA_ORDERS, clamp_logit_scales, ema_update
+
+
+def cosmos_forward_loss(student, teacher, loss_fn, crops, captions: torch.Tensor) -> dict:
+    """Student on all crops/captions, teacher (no grad) on the 2 global crops and captions, loss."""
+    b = crops[0].shape[0]
+    s = student(crops, captions, batch_size=b)
+    with torch.no_grad():
+        t = teacher(torch.cat([crops[0], crops[1]]), captions[:2 * b])
+    losses = loss_fn(
+        s_image_features=list(s["image_features"].split(b)),
+        s_text_features=list(s["text_features"].split(b)),
+        logit_scale=s["logit_scale"],
+        t_image_features=list(t["image_features"].split(b)),
+        t_text_features=list(t["text_features"].split(b)),
+        distill_logit_scale=s["distill_logit_scale"],
+        s_img_crossmodal_features=list(s["img_crossmodal_features"].split(b)),
+        s_txt_crossmodal_features=list(s["txt_crossmodal_features"].split(b)),
+        output_dict=True,
+    )
+    losses["loss"] = losses["clip_loss"] + losses["distill_loss"]
+    return losses
+
+
+def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, momentum: float,
+                      ema_order: str = "before_step", scaler=None, autocast=None) -> dict:
+    """zero_grad → forward/loss → backward → EMA (official: before the step) → optimizer step →
+    clamp both logit scales on both models. Returns the detached losses."""
+    if ema_order not in EMA_ORDERS:
+        raise ValueError(f"ema_order must be one of {EMA_ORDERS}, got {ema_order!r}")
+    optimizer.zero_grad(set_to_none=True)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        losses = cosmos_forward_loss(student, teacher, loss_fn, crops, captions)
+    (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+    if ema_order == "before_step":
+        ema_update(teacher, student, momentum)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if ema_order == "after_step":
+        ema_update(teacher, student, momentum)
+    clamp_logit_scales(student, teacher)
+    return {k: v.detach() for k, v in losses.items()}
