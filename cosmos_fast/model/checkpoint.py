@@ -98,9 +98,6 @@ def save_checkpoint(path, student, teacher, epoch: int, name: str = "cosmos_fast
     """
     if not isinstance(epoch, int) or isinstance(epoch, bool):
         raise TypeError(f"epoch must be an int, got {epoch!r}")
-    for k in extra:
-        if k in ("epoch", "name", "student", "teacher"):
-            raise ValueError(f"extra checkpoint entry {k!r} would overwrite a reserved key")
     body = {"epoch": epoch, "name": name,
             "student": _plain(_state_dict(student), PREFIX),
             "teacher": _plain(_state_dict(teacher)), **extra}

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(os.environ.get("COSMOS_FAST_FIXTURE",
+                              REPO.parent / "shared" / "fixtures" / "official_tiny.pt"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _load_official():
+    if not FIXTURE.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"official fixture {FIXTURE} is missing (CI must run with shared/ beside the clone)")
+        pytest.skip(f"official fixture {FIXTURE} not found (needs ../shared beside the clone)")
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def official():
+    """Outputs of the official COSMOS implementation on a small config (shared/fixtures)."""
+    return _load_official()
+
+
+@pytest.fixture(scope="session")
+def official_model(official):
+    from cosmos_fast import create_model
+
+    model = create_model(official["config"])
+    model.load_state_dict(official["state_dict"], strict=True)
+    return model
