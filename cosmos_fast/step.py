@@ -30,23 +30,40 @@ def cosmos_forward_loss(student, teacher, loss_fn, crops, captions: torch.Tensor
 
 
 def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, momentum: float,
-                      ema_order: str = "before_step", scaler=None, autocast=None) -> dict:
+                      ema_order: str = "before_step", scaler=None, autocast=None,
+                      grad_clip_norm: float | None = None) -> dict:
     """zero_grad → forward/loss → backward → EMA (official: before the step) → optimizer step →
-    clamp both logit scales on both models. Returns the detached losses."""
+    clamp both logit scales on both models.
+
+    Returns the detached losses plus ``finite`` (False: the loss was NaN/inf and nothing was
+    updated — no backward, no EMA, no optimizer step) and ``overflow`` (True: the fp16 GradScaler
+    found inf/nan gradients and skipped the optimizer step; the EMA still ran, as officially).
+    """
     if ema_order not in EMA_ORDERS:
         raise ValueError(f"ema_order must be one of {EMA_ORDERS}, got {ema_order!r}")
     optimizer.zero_grad(set_to_none=True)
     with autocast if autocast is not None else contextlib.nullcontext():
         losses = cosmos_forward_loss(student, teacher, loss_fn, crops, captions)
+    out = {k: v.detach() for k, v in losses.items()}
+    out["finite"] = bool(torch.isfinite(out["loss"]))
+    out["overflow"] = False
+    if not out["finite"]:
+        return out
     (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
     if ema_order == "before_step":
         ema_update(teacher, student, momentum)
+    if grad_clip_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip_norm)
     if scaler is not None:
+        scale_before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        out["overflow"] = scaler.get_scale() < scale_before
     else:
         optimizer.step()
     if ema_order == "after_step":
         ema_update(teacher, student, momentum)
     clamp_logit_scales(student, teacher)
-    return {k: v.detach() for k, v in losses.items()}
+    return out

@@ -1,0 +1,278 @@
+"""One dataclass tree for a training run, YAML presets, ``key=value`` overrides, start-up checks.
+
+``load_config(preset_or_path, overrides)`` reads a preset shipped in ``cosmos_fast/configs/`` (by
+name, e.g. ``tiny-cpu``) or a YAML file, applies ``section.key=value`` overrides (values parsed as
+YAML) and rejects any unknown key by name. :func:`validate` checks the values that can be checked
+before anything is built; the trainer runs it with the actual world size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelSection:
+    name: str = _f("ViT-B-16", "model config: ViT-B-16, ViT-B-32, tiny, or an open_clip ViT config name")
+    pool_impl: str = _f("auto", "cross-attention pooling implementation (see cosmos_fast.ops)")
+    loss_impl: str = _f("auto", "contrastive loss implementation (see cosmos_fast.ops)")
+    attention: str = _f("sdpa", "attention backend of both towers: auto, sdpa, math, flash, xformers")
+    grad_checkpointing: bool = _f(False, "recompute transformer blocks in backward to save memory")
+
+
+@dataclass
+class DataSection:
+    backend: str = _f("torchvision", "image pipeline: torchvision (CPU workers)")
+    train_shards: str = _f("", "webdataset shards: brace pattern(s), '::' joins sources")
+    val_shards: str = _f("", "held-out retrieval shards (json field retrieval_captions); empty = none")
+    train_num_samples: int = _f(0, "samples per epoch (official --train-num-samples)")
+    batch_size: int = _f(64, "per-device batch B; the global batch is B × world size")
+    expected_global_batch: typing.Optional[int] = _f(None, "if set, B × world size must equal it (checked at start)")
+    num_workers: int = _f(4, "data-loader worker processes per rank")
+    caption_mode: str = _f("textcrop", "textcrop (DreamLIP fields) or textcrop_pixelprose")
+    num_captions: int = _f(8, "captions per sample: 2 global + the rest local")
+    local_crops: int = _f(6, "local image crops per sample (after the 2 global crops)")
+    crop_scale: float = _f(0.4, "global crop area scale [s, 1]; local crops [0.05, s]")
+    global_size: typing.Optional[int] = _f(None, "global crop size in px; null = the model's image size")
+    local_size: int = _f(96, "local crop size in px")
+    resampled: bool = _f(False, "draw shards with replacement instead of epoch passes")
+    shuffle_buffer: int = _f(5000, "sample shuffle buffer per worker")
+    shuffle_initial: int = _f(1000, "samples buffered before the first one is yielded")
+    string_fields: str = _f("split", "a string where a list of sentences is expected: split or reject")
+    eval_batch_size: int = _f(256, "batch size for retrieval evaluation")
+
+
+@dataclass
+class OptimSection:
+    lr: float = _f(5e-4, "peak learning rate")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.98, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.5, "weight decay of >=2-D weights (official groups)")
+    warmup: int = _f(2000, "linear warm-up steps, then cosine to 0")
+    epochs: int = _f(32, "epochs; the cosine spans epochs × steps per epoch")
+    grad_clip_norm: typing.Optional[float] = _f(None, "clip the global gradient norm (official: off)")
+
+
+@dataclass
+class EMASection:
+    momentum: float = _f(0.999, "teacher EMA momentum m (0.999 at B_g=1024, 0.99 at 4096)")
+    schedule: str = _f("fixed", "fixed (official scripts) or cosine (m -> 1 over training)")
+    order: str = _f("before_step", "before_step (official: EMA before the optimizer step) or after_step")
+
+
+@dataclass
+class TrainSection:
+    name: str = _f("cosmos", "run name, written into checkpoints")
+    seed: int = _f(0, "global seed (model init, data order, augmentations)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _f("fp32", "fp32, amp_bf16 or amp_fp16 (AMP needs CUDA; fp16 uses a GradScaler)")
+    max_steps: typing.Optional[int] = _f(None, "stop after this many optimizer steps (schedule unchanged)")
+    save_every_steps: int = _f(1000, "also write epoch_latest.pt every N steps (0 = only at epoch ends)")
+    eval_every_steps: int = _f(0, "retrieval eval on data.val_shards every N steps (0 = only at the end)")
+    max_nonfinite: int = _f(5, "stop after this many non-finite losses in a row")
+    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(True, "write TensorBoard scalars to OUTPUT/tb")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section_cls(name):
+    return {"model": ModelSection, "data": DataSection, "optim": OptimSection, "ema": EMASection,
+            "train": TrainSection}[name]
+
+
+def _suggest(word, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(path: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, value, args[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config field {path} expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key {dotted!r} must look like section.key (sections: {list(SECTIONS)})")
+    sec, key = parts
+    if sec not in SECTIONS:
+        raise ConfigError(f"unknown config section {sec!r} in {dotted!r}{_suggest(sec, SECTIONS)}")
+    cls = _section_cls(sec)
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown config field {dotted!r}{_suggest(key, hints)}")
+    setattr(getattr(cfg, sec), key, _coerce(dotted, value, hints[key]))
+
+
+def apply_dict(cfg: Config, d: dict, source: str = "config") -> Config:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source} must be a mapping of sections, got {type(d).__name__}")
+    for sec, values in d.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"unknown config section {sec!r} in {source}{_suggest(str(sec), SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {sec!r} in {source} must be a mapping")
+        for key, value in values.items():
+            _set(cfg, f"{sec}.{key}", value)
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_path: str | None = None, overrides=()) -> Config:
+    cfg = Config()
+    if preset_or_path:
+        path = Path(preset_or_path)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset_or_path}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"unknown preset {preset_or_path!r}; presets: {', '.join(list_presets())}")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        apply_dict(cfg, yaml.safe_load(path.read_text()) or {}, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return cfg
+
+
+def save_config(cfg: Config, path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config field — the --help table."""
+    rows = []
+    for sec in SECTIONS:
+        for f in dataclasses.fields(_section_cls(sec)):
+            rows.append((f"{sec}.{f.name}", repr(getattr(_section_cls(sec)(), f.name)), f.metadata.get("help", "")))
+    return rows
+
+
+def _choice(path, value, choices):
+    if value not in choices:
+        raise ConfigError(f"config field {path} = {value!r} must be one of {list(choices)}")
+
+
+def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list[str]:
+    """Reject contradictory or impossible values; returns informational notes."""
+    import torch
+
+    from .data.captions import MODES, STRING_FIELD_POLICIES
+    from .data.loader import expand_shards
+    from .model.config import resolve_model_config
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    d, o, e, t = cfg.data, cfg.optim, cfg.ema, cfg.train
+    notes = []
+    try:
+        mcfg = resolve_model_config(cfg.model.name)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.name: {err}") from None
+    _choice("model.attention", cfg.model.attention, ("auto", "sdpa", "math", "flash", "xformers"))
+    _choice("data.backend", d.backend, ("torchvision",))
+    _choice("data.caption_mode", d.caption_mode, MODES)
+    _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
+    _choice("ema.schedule", e.schedule, ("fixed", "cosine"))
+    _choice("ema.order", e.order, ("before_step", "after_step"))
+    _choice("train.precision", t.precision, ("fp32", "amp_bf16", "amp_fp16"))
+    for path, value, lo in [("data.batch_size", d.batch_size, 1), ("data.train_num_samples", d.train_num_samples, 1),
+                            ("data.num_workers", d.num_workers, 0), ("data.num_captions", d.num_captions, 2),
+                            ("data.local_crops", d.local_crops, 0), ("data.local_size", d.local_size, 1),
+                            ("data.shuffle_buffer", d.shuffle_buffer, 1), ("data.shuffle_initial", d.shuffle_initial, 1),
+                            ("optim.epochs", o.epochs, 1), ("optim.warmup", o.warmup, 0),
+                            ("train.max_nonfinite", t.max_nonfinite, 1), ("train.save_every_steps", t.save_every_steps, 0),
+                            ("train.eval_every_steps", t.eval_every_steps, 0), ("data.eval_batch_size", d.eval_batch_size, 1)]:
+        if value < lo:
+            raise ConfigError(f"config field {path} = {value} must be >= {lo}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"config field train.max_steps = {t.max_steps} must be >= 1 or null")
+    if not 0.05 < d.crop_scale < 1:
+        raise ConfigError(f"config field data.crop_scale = {d.crop_scale} must lie in (0.05, 1)")
+    if not 0 <= e.momentum <= 1:
+        raise ConfigError(f"config field ema.momentum = {e.momentum} must lie in [0, 1]")
+    if o.lr <= 0 or o.eps <= 0 or not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1) or o.weight_decay < 0:
+        raise ConfigError(f"optim values out of range: lr={o.lr}, betas=({o.beta1}, {o.beta2}), eps={o.eps}, "
+                          f"weight_decay={o.weight_decay}")
+    if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
+        raise ConfigError(f"config field optim.grad_clip_norm = {o.grad_clip_norm} must be > 0 or null")
+    patch = mcfg.vision_cfg.patch_size
+    gsize = d.global_size or mcfg.vision_cfg.image_size
+    for path, size in (("data.global_size", gsize), ("data.local_size", d.local_size)):
+        if size % patch:
+            raise ConfigError(f"config field {path} = {size} is not a multiple of the patch size {patch}")
+    if t.precision != "fp32" and not cuda:
+        raise ConfigError(f"config field train.precision = {t.precision!r} needs CUDA; use fp32 on CPU")
+    if t.device.startswith("cuda") and not cuda:
+        raise ConfigError(f"config field train.device = {t.device!r} but CUDA is not available")
+    if not d.train_shards:
+        raise ConfigError("config field data.train_shards is empty")
+    n_shards = len(expand_shards(d.train_shards))
+    workers = max(1, d.num_workers)
+    if not d.resampled and n_shards < workers * world_size:
+        raise ConfigError(f"data.train_shards has {n_shards} shards but data.num_workers × world size = "
+                          f"{workers} × {world_size} = {workers * world_size}: every worker needs a shard "
+                          f"(cosmos_method.md §7 item 15); lower data.num_workers or set data.resampled=true")
+    global_batch = d.batch_size * world_size
+    if d.expected_global_batch is not None and d.expected_global_batch != global_batch:
+        raise ConfigError(f"data.batch_size {d.batch_size} × world size {world_size} = {global_batch} but "
+                          f"data.expected_global_batch = {d.expected_global_batch}; set the batch or the "
+                          f"expectation (null disables the check)")
+    notes.append(f"per-device batch {d.batch_size}, world size {world_size}, global batch {global_batch}, "
+                 f"gradient accumulation 1")
+    return notes

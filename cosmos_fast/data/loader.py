@@ -1,0 +1,318 @@
+"""Webdataset shards → COSMOS batches, deterministic and resumable.
+
+Interface shared by every data backend (torchvision here, DALI in its own module): a loader is an
+iterable of batches ``{"crops": [n_crops × (B,3,H,W)], "captions": (K·B, L) caption-major,
+"skipped": {reason: count}}`` with ``set_epoch``, ``steps_per_epoch``, ``state_dict`` and
+``load_state_dict`` (its position). Caption sampling and tokenisation are shared Python.
+
+Order (cosmos_method.md §4.5). For epoch e the shard list is shuffled with seed + e, identically on
+every rank, then split by rank and by data-loader worker (the official assertion
+#shards ≥ workers × ranks is checked at start). Each worker reads its shards in that order through
+webdataset's tar iterators, shuffles samples through a buffer (5000, filled to 1000 before the
+first yield) and batches B valid samples. A worker that runs out of shards starts another pass over
+them, reshuffled, so that every worker yields exactly ``steps_per_epoch / workers`` batches
+(webdataset's ``with_epoch``). In resampled mode shards are drawn with replacement instead.
+
+Determinism and resume. Every random choice is derived from (seed, epoch, rank, worker, position):
+shard order, sample shuffle and, per sample, the crops and the caption draw. The position is the
+number of batches consumed in the epoch. To resume, each worker re-reads its stream from the epoch
+start and fast-forwards the batches already consumed — decoding images (so that skipped samples
+are skipped again at the same places) but without augmentation or tokenisation — and the workers
+are rotated so the round-robin order of the data loader continues where it stopped.
+
+Bad data. A sample without an image or a json record, an image PIL cannot decode, a caption record
+that is not valid json or cannot be sampled (see :mod:`.captions`) is counted by reason, logged with
+its shard and key, and skipped. A truncated or unreadable tar is logged and the shard is skipped.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .captions import CaptionRecordError, Tokenizer, caption_pool, sample_captions
+from .transforms import MultiCropTransform, seeded
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+_LOG_PER_REASON = 10
+
+
+def expand_shards(spec: str | list) -> list[str]:
+    """Brace patterns and ``::``-joined sources to a flat list of shard URLs."""
+    from braceexpand import braceexpand
+
+    parts = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
+    urls = [u for part in parts for u in braceexpand(part.strip()) if u]
+    if not urls:
+        raise ValueError(f"data.train_shards {spec!r} expands to no shard")
+    return urls
+
+
+def _seed(*parts) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+def steps_per_epoch(num_samples: int, global_batch: int, num_workers: int) -> int:
+    """Official sizing: ceil(N / B_g) rounded up to a multiple of the worker count."""
+    w = max(1, num_workers)
+    steps = math.ceil(num_samples / global_batch)
+    return math.ceil(steps / w) * w
+
+
+@dataclass
+class StreamSpec:
+    shards: list
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    num_workers: int
+    steps_per_epoch: int
+    resampled: bool
+    shuffle_buffer: int
+    shuffle_initial: int
+    caption_mode: str
+    num_captions: int
+    string_fields: str
+    global_size: int
+    local_size: int
+    n_local: int
+    crop_scale: float
+    tokenizer_name: str
+    context_length: int
+
+
+class _Skips:
+    def __init__(self, worker: int):
+        self.counts = Counter()
+        self.worker = worker
+
+    def add(self, reason: str, url: str, key: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if n <= _LOG_PER_REASON:
+            log.warning("skipping sample %r in %s: %s%s", key, url, reason, f" ({detail})" if detail else "")
+            if n == _LOG_PER_REASON:
+                log.warning("worker %d: further %r skips are counted but not logged", self.worker, reason)
+
+
+def _tar_samples(url: str, skips: _Skips):
+    """Samples ({'__key__', ext: bytes, '__url__'}) of one shard via webdataset's tar iterators."""
+    from webdataset import tariterators
+
+    def handler(exn):
+        skips.add("bad_shard", url, "-", repr(exn))
+        return False        # stop reading this shard, go on with the next one
+
+    files = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}], handler=handler),
+                                           handler=handler)
+    yield from tariterators.group_by_keys(files, handler=handler)
+
+
+class SampleStream:
+    """The deterministic sample → batch stream of one (rank, logical worker) for one epoch."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, worker: int):
+        self.spec, self.epoch, self.worker = spec, epoch, worker
+        self.skips = _Skips(worker)
+        self._transform = None
+        self._tokenizer = None
+
+    # -------------------------------------------------------------- order
+    def _raw_samples(self):
+        """Raw tar samples: endless passes over this worker's shards (or resampled shards)."""
+        s = self.spec
+        if s.resampled:
+            rng = random.Random(_seed(s.seed, self.epoch, s.rank, self.worker, 1))
+            empty = 0
+            while True:
+                n = 0
+                for sample in _tar_samples(rng.choice(s.shards), self.skips):
+                    n += 1
+                    yield sample
+                empty = 0 if n else empty + 1
+                if empty > 100:
+                    raise RuntimeError(f"rank {s.rank} worker {self.worker}: 100 resampled shards in a row "
+                                       f"held no readable sample (shards: {s.shards[:3]} ...)")
+        order = list(s.shards)
+        random.Random(s.seed + self.epoch).shuffle(order)          # same on every rank
+        mine = order[s.rank::s.world][self.worker::max(1, s.num_workers)]
+        for p in itertools.count():
+            pass_order = list(mine)
+            if p:
+                random.Random(_seed(s.seed, self.epoch, s.rank, self.worker, 2, p)).shuffle(pass_order)
+            n = 0
+            for url in pass_order:
+                for sample in _tar_samples(url, self.skips):
+                    n += 1
+                    yield sample
+            if n == 0:
+                raise RuntimeError(f"rank {s.rank} worker {self.worker}: shards {mine[:5]} hold no readable sample")
+
+    def _shuffled(self):
+        from webdataset.filters import shuffle
+
+        s = self.spec
+        buffered = shuffle(s.shuffle_buffer, s.shuffle_initial,
+                           seed=_seed(s.seed, self.epoch, s.rank, self.worker, 3))
+        return buffered(iter(self._raw_samples()))
+
+    # ------------------------------------------------------------ samples
+    def _decode(self, sample):
+        """(PIL image, caption record) or None after counting the reason."""
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        img_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if img_key is None:
+            self.skips.add("missing_image", url, key)
+            return None
+        if "json" not in sample:
+            self.skips.add("missing_json", url, key)
+            return None
+        try:
+            record = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            self.skips.add("bad_json", url, key, str(e))
+            return None
+        try:
+            caption_pool(record, self.spec.caption_mode, self.spec.string_fields)
+        except CaptionRecordError as e:
+            self.skips.add(e.reason, url, key, str(e))
+            return None
+        try:
+            img = Image.open(io.BytesIO(sample[img_key]))
+            img.load()
+        except Exception as e:   # PIL raises several types for corrupt files
+            self.skips.add("corrupt_image", url, key, f"{type(e).__name__}: {e}")
+            return None
+        return img, record
+
+    def _make(self, img, record, position: int):
+        s = self.spec
+        if self._transform is None:
+            self._transform = MultiCropTransform(s.global_size, s.local_size, s.crop_scale, 2, s.n_local)
+            self._tokenizer = Tokenizer(s.tokenizer_name, s.context_length)
+        seed = _seed(s.seed, self.epoch, s.rank, self.worker, 4, position)
+        with seeded(seed):
+            crops = self._transform(img)
+        captions = sample_captions(record, random.Random(seed), s.num_captions, s.caption_mode, s.string_fields)
+        return crops, self._tokenizer(captions)
+
+    def batches(self, skip: int = 0):
+        """Yield this worker's batches of the epoch, fast-forwarding the first ``skip``."""
+        s = self.spec
+        n_batches = s.steps_per_epoch // max(1, s.num_workers)
+        made, pending, bad_run = 0, [], 0
+        for position, sample in enumerate(self._shuffled()):
+            if made >= n_batches:
+                return
+            decoded = self._decode(sample)
+            if decoded is None:
+                bad_run += 1
+                if bad_run > 10_000:
+                    raise RuntimeError(f"rank {s.rank} worker {self.worker}: 10000 samples in a row were "
+                                       f"skipped ({dict(self.skips.counts)}); is the data set broken?")
+                continue
+            bad_run = 0
+            if made < skip:                      # fast-forward: validated, not augmented
+                pending.append(None)
+            else:
+                pending.append(self._make(*decoded, position))
+            if len(pending) == s.batch_size:
+                if made >= skip:
+                    yield self._collate(pending)
+                made += 1
+                pending = []
+
+    def _collate(self, samples):
+        crops = [torch.stack([c[i] for c, _ in samples]) for i in range(len(samples[0][0]))]
+        tokens = torch.stack([t for _, t in samples])                     # B × K × L
+        return {"crops": crops, "captions": tokens.transpose(0, 1).reshape(-1, tokens.shape[-1]),
+                "skipped": dict(self.skips.counts), "worker": self.worker}
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    def __init__(self, spec: StreamSpec, epoch: int, consumed: int):
+        self.spec, self.epoch, self.consumed = spec, epoch, consumed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        nw = max(1, self.spec.num_workers)
+        physical = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        rot = self.consumed % nw
+        logical = (physical + rot) % nw            # continue the round robin where it stopped
+        skip = self.consumed // nw + (1 if logical < rot else 0)
+        yield from SampleStream(self.spec, self.epoch, logical).batches(skip)
+
+
+class WebDatasetLoader:
+    """Multi-crop COSMOS batches from webdataset shards with the torchvision backend."""
+
+    def __init__(self, spec: StreamSpec):
+        nw = max(1, spec.num_workers)
+        if not spec.resampled and len(spec.shards) < nw * spec.world:
+            raise ValueError(f"{len(spec.shards)} shard(s) for {nw} worker(s) × {spec.world} rank(s): every "
+                             f"worker needs a shard (set data.num_workers lower or data.resampled=true)")
+        if spec.steps_per_epoch % nw:
+            raise ValueError(f"steps_per_epoch {spec.steps_per_epoch} is not a multiple of {nw} workers")
+        self.spec = spec
+        self.epoch = 0
+        self.consumed = 0
+        self._worker_skips: dict[int, dict] = {}
+        self._skips_before = Counter()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.spec.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skips_before += Counter(self.epoch_skips())
+            self.epoch, self.consumed, self._worker_skips = epoch, 0, {}
+
+    def epoch_skips(self) -> dict:
+        total = Counter()
+        for counts in self._worker_skips.values():
+            total.update(counts)
+        return dict(total)
+
+    @property
+    def skipped(self) -> dict:
+        """Cumulative skip counts by reason over the run (this rank)."""
+        total = Counter(self._skips_before)
+        total.update(self.epoch_skips())
+        return dict(total)
+
+    def __iter__(self):
+        spec = self.spec
+        ds = _EpochDataset(spec, self.epoch, self.consumed)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=spec.num_workers,
+                                         persistent_workers=False,
+                                         prefetch_factor=2 if spec.num_workers else None)
+        for batch in dl:
+            self.consumed += 1
+            self._worker_skips[batch.pop("worker")] = batch["skipped"]
+            batch["skipped"] = self.skipped
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed,
+                "worker_skips": {int(k): dict(v) for k, v in self._worker_skips.items()},
+                "skips_before": dict(self._skips_before)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self._worker_skips = {int(k): dict(v) for k, v in state.get("worker_skips", {}).items()}
+        self._skips_before = Counter(state.get("skips_before", {}))

@@ -1,0 +1,92 @@
+"""Multi-crop augmentation with torchvision, exactly cosmos_method.md §4.4.
+
+| step                     | global crop 1 | global crop 2 | each local crop |
+|--------------------------|---------------|---------------|-----------------|
+| RandomResizedCrop bicubic| size G, scale [s, 1] | same   | size L, scale [0.05, s] |
+| horizontal flip          | 0.5           | 0.5           | 0.5             |
+| ColorJitter(.4,.4,.2,.1) | p 0.8         | p 0.8         | p 0.8           |
+| grayscale                | p 0.2         | p 0.2         | p 0.2           |
+| PIL Gaussian blur r~U[.1,2] | p 1.0 (rand <= p) | p 0.1   | p 0.5           |
+| solarize (threshold 128) | —             | p 0.2         | —               |
+| ToTensor + Normalize (OpenAI CLIP mean/std) | ✓ | ✓      | ✓               |
+
+All randomness comes from torch's CPU generator, so a caller can make one sample's crops
+deterministic by seeding it (see :func:`seeded`). The evaluation transform is resize-shortest-side
+(bicubic) + center crop + normalise.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PILGaussianBlur:
+    """PIL ``GaussianBlur`` with radius ~ U[radius_min, radius_max], applied when rand <= p."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(()).item() > self.p:
+            return img
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self):
+        return f"PILGaussianBlur(p={self.p}, radius=[{self.radius_min}, {self.radius_max}])"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class MultiCropTransform:
+    """PIL image → list of ``n_global`` + ``n_local`` normalised float tensors (3×H×W)."""
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, crop_scale: float = 0.4,
+                 n_global: int = 2, n_local: int = 6):
+        if not 0.05 < crop_scale < 1.0:
+            raise ValueError(f"data.crop_scale must lie in (0.05, 1), got {crop_scale}")
+        if n_global != 2:
+            raise ValueError(f"COSMOS uses exactly 2 global crops, got {n_global}")
+        self.n_local = n_local
+        flip_color = [
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+        normalize = [T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)]
+
+        def rrc(size, scale):
+            return [T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC), _to_rgb]
+
+        self.global1 = T.Compose(rrc(global_size, (crop_scale, 1.0)) + flip_color
+                                 + [PILGaussianBlur(1.0)] + normalize)
+        self.global2 = T.Compose(rrc(global_size, (crop_scale, 1.0)) + flip_color
+                                 + [PILGaussianBlur(0.1), T.RandomSolarize(threshold=128, p=0.2)] + normalize)
+        self.local = T.Compose(rrc(local_size, (0.05, crop_scale)) + flip_color
+                               + [PILGaussianBlur(0.5)] + normalize)
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        img = _to_rgb(img)
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+def eval_transform(size: int = 224):
+    return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size), _to_rgb,
+                      T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's CPU generator seeded, restoring the caller's state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
