@@ -107,9 +107,36 @@ class _Skips:
                 log.warning("worker %d: further %r skips are counted but not logged", self.worker, reason)
 
 
+def local_tar_problem(url: str) -> str | None:
+    """For a local shard, why it is not a complete tar archive (None when it looks complete).
+
+    A tar ends with two zero blocks and is a whole number of 512-byte blocks; a file cut short
+    (an interrupted copy or download) fails this test, while tarfile would silently stop early."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if ":" in path.split("/")[0] or path.startswith("pipe:"):
+        return None                                     # remote or piped: left to the tar reader
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            if size < 1024 or size % 512:
+                return f"size {size} is not a whole number of tar blocks"
+            fh.seek(size - 1024)
+            if fh.read(1024).strip(b"\0"):
+                return "no end-of-archive marker (truncated?)"
+    except OSError as e:
+        return f"cannot read: {e}"
+    return None
+
+
 def _tar_samples(url: str, skips: _Skips):
     """Samples ({'__key__', ext: bytes, '__url__'}) of one shard via webdataset's tar iterators."""
     from webdataset import tariterators
+
+    problem = local_tar_problem(url)
+    if problem:
+        skips.add("bad_shard", url, "-", problem)
+        return
 
     def handler(exn):
         skips.add("bad_shard", url, "-", repr(exn))
@@ -227,7 +254,7 @@ class SampleStream:
             if made < skip:                      # fast-forward: validated, not augmented
                 pending.append(None)
             else:
-                pending.append(self._make(*decoded, position))
+                pending.append(self._make(*decoded, position) + (sample["__key__"],))
             if len(pending) == s.batch_size:
                 if made >= skip:
                     yield self._collate(pending)
@@ -235,10 +262,10 @@ class SampleStream:
                 pending = []
 
     def _collate(self, samples):
-        crops = [torch.stack([c[i] for c, _ in samples]) for i in range(len(samples[0][0]))]
-        tokens = torch.stack([t for _, t in samples])                     # B × K × L
+        crops = [torch.stack([s[0][i] for s in samples]) for i in range(len(samples[0][0]))]
+        tokens = torch.stack([s[1] for s in samples])                      # B × K × L
         return {"crops": crops, "captions": tokens.transpose(0, 1).reshape(-1, tokens.shape[-1]),
-                "skipped": dict(self.skips.counts), "worker": self.worker}
+                "keys": [s[2] for s in samples], "skipped": dict(self.skips.counts), "worker": self.worker}
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):

@@ -1,0 +1,176 @@
+"""The webdataset loader: batch layout, bad data, shard split, determinism, exact resume."""
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from cosmos_fast.data.captions import DREAMLIP_FIELDS, Tokenizer
+from cosmos_fast.data.loader import StreamSpec, WebDatasetLoader, steps_per_epoch
+
+
+def jpeg(seed, size=48):
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def record(idx):
+    rec = {f: [] for f in DREAMLIP_FIELDS}
+    rec["raw_caption"] = [f"item{idx} sentence {j}" for j in range(4)]
+    return rec
+
+
+def write_shards(root, n_shards, per_shard, bad=None):
+    """Shards of valid samples; ``bad`` maps a global index to a kind of corruption."""
+    bad = bad or {}
+    urls = []
+    for s in range(n_shards):
+        path = root / f"shard-{s:04d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                sample = {"__key__": f"s{i:05d}", "jpg": jpeg(i), "json": json.dumps(record(i)).encode()}
+                kind = bad.get(i)
+                if kind == "corrupt_image":
+                    sample["jpg"] = b"\xff\xd8 this is not a jpeg"
+                elif kind == "missing_json":
+                    del sample["json"]
+                elif kind == "missing_image":
+                    del sample["jpg"]
+                elif kind == "bad_json":
+                    sample["json"] = b"{not json"
+                elif kind == "empty_caption_pool":
+                    sample["json"] = json.dumps({f: [] for f in DREAMLIP_FIELDS}).encode()
+                elif kind == "string_caption_field":
+                    rec = record(i)
+                    rec["raw_caption"] = f"item{i} first. item{i} second"
+                    sample["json"] = json.dumps(rec).encode()
+                sink.write(sample)
+        urls.append(str(path))
+    return urls
+
+
+def spec(urls, **kw):
+    base = dict(shards=urls, batch_size=4, seed=0, rank=0, world=1, num_workers=0, steps_per_epoch=4,
+                resampled=False, shuffle_buffer=16, shuffle_initial=4, caption_mode="textcrop", num_captions=8,
+                string_fields="split", global_size=32, local_size=16, n_local=6, crop_scale=0.4,
+                tokenizer_name="ViT-B-16", context_length=77)
+    base.update(kw)
+    return StreamSpec(**base)
+
+
+def all_batches(loader):
+    return [b for b in loader]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"), 4, 10)
+
+
+def test_steps_per_epoch_official_sizing():
+    assert steps_per_epoch(2_823_019, 1024, 16) == 2768      # CC3M row of the spec
+    assert steps_per_epoch(10_010_225, 4096, 16) == 2448
+    assert steps_per_epoch(100, 32, 0) == 4
+
+
+def test_batch_layout_caption_major(shards):
+    batch = next(iter(WebDatasetLoader(spec(shards))))
+    assert len(batch["crops"]) == 8
+    assert [tuple(c.shape) for c in batch["crops"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 6
+    assert batch["captions"].shape == (32, 77) and batch["captions"].dtype == torch.int64
+    tok = Tokenizer()._tok
+    items = [int(k[1:]) for k in batch["keys"]]
+    for k in range(8):
+        for b in range(4):
+            text = tok.decode(batch["captions"][k * 4 + b].tolist()).replace(" ", "")
+            assert f"item{items[b]}sentence" in text, (k, b, text)   # row k·B + b is caption k of sample b
+            if k >= 2:
+                assert text.count("item") == 1                 # local captions are single sentences
+
+
+def test_bad_data_is_counted_logged_and_skipped(tmp_path, caplog):
+    kinds = ["corrupt_image", "missing_json", "missing_image", "bad_json", "empty_caption_pool"]
+    urls = write_shards(tmp_path, 2, 12, bad={3: kinds[0], 5: kinds[1], 7: kinds[2], 13: kinds[3], 20: kinds[4]})
+    # 19 valid samples, 20 needed: the whole data set is read at least once
+    loader = WebDatasetLoader(spec(urls, steps_per_epoch=5, shuffle_buffer=1, shuffle_initial=1))
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.loader"):
+        batches = all_batches(loader)
+    assert len(batches) == 5
+    seen = {k for b in batches for k in b["keys"]}
+    assert not seen & {"s00003", "s00005", "s00007", "s00013", "s00020"}
+    assert set(loader.skipped) == set(kinds) and all(v in (1, 2) for v in loader.skipped.values())
+    assert batches[-1]["skipped"] == loader.skipped
+    assert "s00003" in caplog.text and "corrupt_image" in caplog.text and "shard-0000.tar" in caplog.text
+
+
+def test_string_fields_policy(tmp_path):
+    urls = write_shards(tmp_path, 1, 8, bad={2: "string_caption_field"})
+    split = WebDatasetLoader(spec(urls, steps_per_epoch=1, shuffle_buffer=1, shuffle_initial=1))
+    assert all_batches(split) and split.skipped == {}
+    reject = WebDatasetLoader(spec(urls, steps_per_epoch=1, shuffle_buffer=1, shuffle_initial=1,
+                                   string_fields="reject"))
+    all_batches(reject)
+    assert reject.skipped == {"string_caption_field": 1}
+
+
+def test_truncated_tar_is_reported_and_skipped(tmp_path):
+    urls = write_shards(tmp_path, 2, 8)
+    data = open(urls[0], "rb").read()
+    open(urls[0], "wb").write(data[: len(data) // 3])
+    loader = WebDatasetLoader(spec(urls, steps_per_epoch=4))     # more than the intact shard holds
+    batches = all_batches(loader)
+    assert len(batches) == 4
+    assert loader.skipped.get("bad_shard", 0) >= 1
+
+
+def test_deterministic_and_epoch_dependent(shards):
+    a = all_batches(WebDatasetLoader(spec(shards)))
+    b = all_batches(WebDatasetLoader(spec(shards)))
+    assert [x["keys"] for x in a] == [x["keys"] for x in b]
+    assert all(torch.equal(x["crops"][3], y["crops"][3]) and torch.equal(x["captions"], y["captions"])
+               for x, y in zip(a, b))
+    other = WebDatasetLoader(spec(shards))
+    other.set_epoch(1)
+    assert [x["keys"] for x in all_batches(other)] != [x["keys"] for x in a]
+
+
+def test_split_by_rank_and_worker(shards):
+    keys = {}
+    for rank in range(2):
+        loader = WebDatasetLoader(spec(shards, rank=rank, world=2, num_workers=2, steps_per_epoch=2))
+        keys[rank] = {k for b in all_batches(loader) for k in b["keys"]}
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def test_too_few_shards_rejected(shards):
+    with pytest.raises(ValueError, match="4 shard.* for 4 worker.* × 2 rank"):
+        WebDatasetLoader(spec(shards, num_workers=4, world=2, steps_per_epoch=4))
+    WebDatasetLoader(spec(shards, num_workers=4, world=2, steps_per_epoch=4, resampled=True))
+
+
+def test_resampled_mode(shards):
+    batches = all_batches(WebDatasetLoader(spec(shards, resampled=True, steps_per_epoch=6)))
+    assert len(batches) == 6
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 3), (2, 3), (2, 4)])
+def test_resume_mid_epoch_is_exact(shards, workers, stop):
+    full = all_batches(WebDatasetLoader(spec(shards, num_workers=workers, steps_per_epoch=6)))
+    first = WebDatasetLoader(spec(shards, num_workers=workers, steps_per_epoch=6))
+    it = iter(first)
+    head = [next(it) for _ in range(stop)]
+    state = first.state_dict()
+    resumed = WebDatasetLoader(spec(shards, num_workers=workers, steps_per_epoch=6))
+    resumed.load_state_dict(state)
+    tail = all_batches(resumed)
+    got = head + tail
+    assert [b["keys"] for b in got] == [b["keys"] for b in full]
+    for x, y in zip(got, full):
+        assert torch.equal(x["captions"], y["captions"])
+        assert all(torch.equal(a, b) for a, b in zip(x["crops"], y["crops"]))
