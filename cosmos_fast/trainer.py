@@ -70,7 +70,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._log_file = logging.FileHandler(self.out / "train.log")
         self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("cosmos_fast").addHandler(self._log_file)
+        pkg_log = logging.getLogger("cosmos_fast")
+        pkg_log.addHandler(self._log_file)
+        if pkg_log.getEffectiveLevel() > logging.INFO:     # the run log always gets INFO lines
+            pkg_log.setLevel(logging.INFO)
         self.device = self._device(cfg.train.device)
         set_attention_backend(cfg.model.attention)
 
@@ -218,6 +221,9 @@ class Trainer:
                     if self._done():
                         break
                 if self.loader.consumed >= self.steps_per_epoch:      # the epoch is complete
+                    log.info("epoch %d done at step %d; skipped samples so far: %s; non-finite steps: %d; "
+                             "fp16 overflows: %d", self.epoch + 1, self.step, self.loader.skipped or "none",
+                             self.nonfinite_total, self.overflows)
                     self.epoch += 1
                     self.loader.set_epoch(self.epoch)
                     self.save(epoch_file=True)

@@ -178,3 +178,36 @@ def test_train_cli(data, tmp_path, capsys):
     assert "data.batchsize" in capsys.readouterr().err
     assert train_main(["--help-config"]) == 0
     assert "data.train_shards" in capsys.readouterr().out
+
+
+def test_epoch_log_reports_skip_counts(data, tmp_path):
+    t = Trainer(small_cfg(data, "train.max_steps=8"), tmp_path)
+    t.train()
+    t.close()
+    log_text = (tmp_path / "train.log").read_text()
+    assert "epoch 1 done at step 8; skipped samples so far: none" in log_text
+
+
+def test_synthetic_data_is_deterministic(tmp_path):
+    import tarfile
+
+    def members(root):
+        p = write_demo_data(root, n_train=8, n_val=4, samples_per_shard=8, seed=7)
+        with tarfile.open(expand_shards(p["train"])[0]) as tf:
+            return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+    a, b = members(tmp_path / "a"), members(tmp_path / "b")
+    assert a == b and len(a) == 16
+    record = json.loads(dict(a)["train0000000.json"])
+    assert all(isinstance(record[f], list) and record[f] for f in ("raw_caption", "shortIB_captions", "longSV_captions"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP training needs CUDA")
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_amp_training_on_cuda(data, tmp_path, precision):
+    t = Trainer(small_cfg(data, f"train.precision={precision}", "train.max_steps=3"), tmp_path)
+    t.train()
+    t.close()
+    r = rows(tmp_path / "metrics.jsonl")
+    assert len(r) == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in r)
+    assert all(p.dtype == torch.float32 for p in t.teacher.parameters())
