@@ -1,0 +1,136 @@
+"""Small benchmark harness shared by ``benchmarks/bench_*.py``.
+
+* :func:`env_info` — device, torch / triton / CUDA versions, commit, date: every CSV row carries it.
+* :func:`time_fn` — median, p20 and p80 of wall time (CUDA-synchronised on GPU).
+* :func:`peak_memory` — extra peak memory of a call beyond what was live before it: the CUDA caching
+  allocator's peak on GPU; on CPU a ``TorchDispatchMode`` that tracks every tensor storage created
+  inside the call until it is freed (so it counts tensors saved for backward, not Python objects).
+* :func:`write_csv` — append rows to ``bench_results/<bench>/<device>_<date>_<sha>.csv``.
+
+A comparison is a ratio measured in one process run; absolute times only mean something on the
+device that produced them.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import platform
+import statistics
+import subprocess
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench_results"
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def env_info(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda or "none", "commit": _git_sha(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3]}
+
+
+class _CPUPeak(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen = set()
+
+    def _track(self, t):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            return
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self._seen or st.nbytes() == 0:
+            return
+        self._seen.add(key)
+        self.live += st.nbytes()
+        self.peak = max(self.peak, self.live)
+        nbytes = st.nbytes()
+
+        def release(key=key, nbytes=nbytes, mode=weakref.ref(self)):
+            m = mode()
+            if m is not None and key in m._seen:
+                m._seen.discard(key)
+                m.live -= nbytes
+        weakref.finalize(t, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._track(t)
+        return out
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Extra peak bytes allocated while ``fn()`` runs (beyond what was live before)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with _CPUPeak() as mode:
+        fn()
+    return mode.peak
+
+
+def write_csv(bench: str, rows: list[dict], device: torch.device) -> Path:
+    info = env_info(device)
+    out = RESULTS / bench / f"{info['device']}_{info['date']}_{info['commit']}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(info) + [k for k in rows[0] if k not in info]
+    new = not out.exists()
+    with open(out, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**info, **r})
+    return out
