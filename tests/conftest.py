@@ -1,20 +1,13 @@
 import os
 from pathlib import Path
 
+import pytest
+import torch
+
 # Triton kernels run under the interpreter on machines without CUDA. The variable is read when
 # each @triton.jit decorator executes, so it must be set before any kernel module is imported.
-if os.environ.get("TRITON_INTERPRET") is None:
-    import importlib.util
-
-    _cuda = False
-    if importlib.util.find_spec("torch") is not None:
-        import torch as _torch
-        _cuda = _torch.cuda.is_available()
-    if not _cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("COSMOS_FAST_FIXTURE",
