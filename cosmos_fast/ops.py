@@ -6,9 +6,13 @@ Ops and the implementations available today:
     - ``"shared"``    : LN_k and K/V once per sample (the pooler module's own forward; default)
     - ``"reference"`` : the official repeat-the-context formulation (cosmos_fast.reference)
 * ``contrastive`` (the COSMOS loss) is selected through ``CosmosLoss(impl=...)``:
+    - ``"fused"``     : Triton kernels (kernels/contrastive.py), no B×B tensor; CUDA, or the Triton
+                        interpreter when TRITON_INTERPRET=1
+    - ``"blockwise"`` : the same algorithm in PyTorch tiles (the CPU path)
     - ``"reference"`` : per-pair B×B logits, exactly the official loss
 
-``"auto"`` picks the fastest implementation available for the inputs. The environment variable
+``"auto"`` picks the fastest implementation available for the inputs: Triton on CUDA, the
+blockwise / shared-K/V PyTorch paths on CPU. The environment variable
 ``COSMOS_FAST_IMPL`` (e.g. ``reference``) overrides ``"auto"`` everywhere for debugging.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from .reference.cross_pool import cross_pool_reference
 
 CROSS_POOL_IMPLS = ("shared", "reference")
-CONTRASTIVE_IMPLS = ("reference",)
+CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
 
 
 def _resolve(impl: str, available: tuple, op: str, default: str) -> str:
@@ -38,8 +42,37 @@ def resolve_cross_pool_impl(impl: str = "auto") -> str:
     return _resolve(impl, CROSS_POOL_IMPLS, "cross_pool", "shared")
 
 
-def resolve_contrastive_impl(impl: str = "auto") -> str:
-    return _resolve(impl, CONTRASTIVE_IMPLS, "contrastive", "reference")
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton kernels run natively on CUDA, or on CPU tensors under TRITON_INTERPRET=1."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = None) -> str:
+    """Validate ``impl``; with a device, also turn ``"auto"`` into a concrete implementation."""
+    if impl == "auto":
+        override = os.environ.get("COSMOS_FAST_IMPL")
+        if override in CONTRASTIVE_IMPLS:
+            impl = override
+        elif device is not None:
+            impl = "fused" if device.type == "cuda" and triton_available() else "blockwise"
+        else:
+            return "auto"
+    if impl not in CONTRASTIVE_IMPLS:
+        raise ValueError(f"unknown contrastive implementation {impl!r}; available: {('auto',) + CONTRASTIVE_IMPLS}")
+    if impl == "fused" and device is not None and not triton_runnable(device):
+        raise RuntimeError(f"contrastive impl='fused' needs CUDA tensors (got {device}) and triton, or "
+                           f"TRITON_INTERPRET=1 for testing; use impl='blockwise' on CPU")
+    return impl
 
 
 def cross_pool(pooler, context: torch.Tensor, queries: torch.Tensor, impl: str = "auto") -> torch.Tensor:

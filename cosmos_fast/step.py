@@ -14,16 +14,17 @@ def cosmos_forward_loss(student, teacher, loss_fn, crops, captions: torch.Tensor
     s = student(crops, captions, batch_size=b)
     with torch.no_grad():
         t = teacher(torch.cat([crops[0], crops[1]]), captions[:2 * b])
-    losses = loss_fn(
-        s_image_features=list(s["image_features"].split(b)),
-        s_text_features=list(s["text_features"].split(b)),
+    losses = loss_fn(      # (n·B, D) crop-/caption-major tensors, read as views by the fast paths
+        s_image_features=s["image_features"],
+        s_text_features=s["text_features"],
         logit_scale=s["logit_scale"],
-        t_image_features=list(t["image_features"].split(b)),
-        t_text_features=list(t["text_features"].split(b)),
+        t_image_features=t["image_features"],
+        t_text_features=t["text_features"],
         distill_logit_scale=s["distill_logit_scale"],
-        s_img_crossmodal_features=list(s["img_crossmodal_features"].split(b)),
-        s_txt_crossmodal_features=list(s["txt_crossmodal_features"].split(b)),
+        s_img_crossmodal_features=s["img_crossmodal_features"],
+        s_txt_crossmodal_features=s["txt_crossmodal_features"],
         output_dict=True,
+        batch_size=b,
     )
     losses["loss"] = losses["clip_loss"] + losses["distill_loss"]
     return losses

@@ -43,10 +43,14 @@ def test_teacher_forward(official, official_model):
         close(out[k], v)
 
 
-def test_loss_value_and_gradients(official):
+IMPLS = ["reference", "blockwise", "fused"]     # fused runs under the Triton interpreter on CPU
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loss_value_and_gradients(official, impl):
     p = official["scale_params"].clone().requires_grad_(True)
     inputs = {k: [x.clone().requires_grad_(True) for x in v] for k, v in official["loss_inputs"].items()}
-    out = CosmosLoss()(logit_scale=p[0].exp(), distill_logit_scale=p[1].exp(), output_dict=True, **inputs)
+    out = CosmosLoss(impl)(logit_scale=p[0].exp(), distill_logit_scale=p[1].exp(), output_dict=True, **inputs)
     close(out["distill_loss"], official["loss_out"]["distill_loss"])
     close(out["clip_loss"], official["loss_out"]["clip_loss"])
     (out["distill_loss"] + out["clip_loss"]).backward()
@@ -61,7 +65,8 @@ def test_loss_value_and_gradients(official):
         assert all(x.grad is None for x in inputs[name]), "the teacher must receive no gradient"
 
 
-def test_one_full_training_step(official):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_full_training_step(official, impl):
     step = official["one_step"]
     student = create_model(official["config"])
     student.load_state_dict(official["state_dict"])
@@ -78,7 +83,7 @@ def test_one_full_training_step(official):
         return orig_step(*a, **k)
 
     opt.step = spy_step
-    losses = cosmos_train_step(student, teacher, CosmosLoss(), opt, official["crops"], official["captions"],
+    losses = cosmos_train_step(student, teacher, CosmosLoss(impl), opt, official["crops"], official["captions"],
                                momentum=step["momentum"], ema_order="before_step")
     loss_ref = step["loss"]
     close(losses["distill_loss"], loss_ref["distill_loss"])
@@ -89,7 +94,9 @@ def test_one_full_training_step(official):
     after = student.state_dict()
     for n, ref in step["student_after"].items():
         g = step["student_grads"][n]
-        solid = g.abs() > 1e-6 * g.abs().max()   # AdamW's first update is ~lr·sign(g)
+        # AdamW's first update is ~lr·sign(g): compare where g is well above rounding (the
+        # tiled paths sum in another order, so their rounding-level gradients differ more)
+        solid = g.abs() > (1e-6 if impl == "reference" else 1e-5) * g.abs().max()
         close(after[n][solid], ref[solid])
     t_after = teacher.state_dict()
     for n, ref in step["teacher_after"].items():

@@ -107,7 +107,7 @@ def test_gradcheck_small():
 @pytest.mark.parametrize("field,value,match", [
     ("t_image_features", "three", "t_image_features must have exactly 2 entries"),
     ("s_text_features", "wrong_shape", r"s_text_features\[1\] must be a 5×16"),
-    ("s_image_features", "tensor", "s_image_features must be a list"),
+    ("s_image_features", "tensor", "s_image_features is a tensor: pass batch_size"),
 ])
 def test_bad_inputs(field, value, match):
     inputs, scales = make_inputs()
