@@ -59,19 +59,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> dict:
+def time_fn(fn, device: torch.device, warmup: int = 2, reps: int = 5, setup=None) -> dict:
+    """Time ``fn()`` (or ``fn(setup())`` when ``setup`` is given; setup is not timed)."""
+    def call():
+        if setup is None:
+            fn()
+            return 0.0
+        arg = setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(arg)
+        _sync(device)
+        return time.perf_counter() - t0
+
     for _ in range(warmup):
-        fn()
+        call()
     _sync(device)
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        if setup is None:
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        else:
+            times.append(call())
     times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3]}
+
+    def pct(f):    # nearest-rank percentile: always one of the measured times
+        return times[min(len(times) - 1, round(f * (len(times) - 1)))]
+
+    return {"median_s": statistics.median(times), "p20_s": pct(0.2), "p80_s": pct(0.8)}
 
 
 class _CPUPeak(TorchDispatchMode):
@@ -107,17 +125,20 @@ class _CPUPeak(TorchDispatchMode):
         return out
 
 
-def peak_memory(fn, device: torch.device) -> int:
-    """Extra peak bytes allocated while ``fn()`` runs (beyond what was live before)."""
+def peak_memory(fn, device: torch.device, setup=None) -> int:
+    """Extra peak bytes allocated while ``fn()`` (or ``fn(setup())``) runs, beyond what was live
+    before it (setup's allocations are not counted)."""
+    arg = setup() if setup is not None else None
+    run = (lambda: fn(arg)) if setup is not None else fn
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn()
+        run()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     with _CPUPeak() as mode:
-        fn()
+        run()
     return mode.peak
 
 

@@ -34,8 +34,10 @@ class CosmosCLIP(nn.Module):
         # parameters first: their order is the state-dict order of the official files
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
         self.text_projection = nn.Parameter(torch.empty(t.width, d))
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
-        self.distill_logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # the two scalars live as 1-element tensors (DeepSpeed cannot broadcast 0-dim parameters);
+        # state dicts carry the official 0-dim shape (see _scalars_to_0d / _scalars_from_0d)
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        self.distill_logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
         self.visual = VisionTower(v.image_size, v.patch_size, v.width, v.layers, v.heads,
                                   v.mlp_ratio, output_dim=d)
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio)
@@ -45,6 +47,8 @@ class CosmosCLIP(nn.Module):
         self.image_token_mapping = nn.Linear(v.width, d)
         self.text_token_mapping = nn.Linear(t.width, d)
         self._init_text()
+        self.register_state_dict_post_hook(_scalars_to_0d)
+        self.register_load_state_dict_pre_hook(_scalars_from_0d)
 
     # ------------------------------------------------------------------ init
     def _init_text(self) -> None:
@@ -106,8 +110,8 @@ class CosmosCLIP(nn.Module):
             return {
                 "image_features": self.encode_image(images),
                 "text_features": self.encode_text(captions),
-                "logit_scale": self.logit_scale.exp(),
-                "distill_logit_scale": self.distill_logit_scale.exp(),
+                "logit_scale": self.logit_scale.exp().reshape(()),
+                "distill_logit_scale": self.distill_logit_scale.exp().reshape(()),
             }
         return self.forward_multicrop(images, captions, batch_size)
 
@@ -169,9 +173,27 @@ class CosmosCLIP(nn.Module):
             "text_features": F.normalize(g, dim=-1),
             "img_crossmodal_features": xi.transpose(0, 1).reshape(n_crops * b, d),
             "txt_crossmodal_features": xt.transpose(0, 1).reshape(n_caps * b, d),
-            "logit_scale": self.logit_scale.exp(),
-            "distill_logit_scale": self.distill_logit_scale.exp(),
+            "logit_scale": self.logit_scale.exp().reshape(()),
+            "distill_logit_scale": self.distill_logit_scale.exp().reshape(()),
         }
+
+
+SCALAR_KEYS = ("logit_scale", "distill_logit_scale")
+
+
+def _scalars_to_0d(module, state_dict, prefix, local_metadata):
+    for name in SCALAR_KEYS:
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == 1:
+            state_dict[key] = state_dict[key].reshape(())
+
+
+def _scalars_from_0d(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs):
+    for name in SCALAR_KEYS:
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
 
 
 def create_model(cfg="tiny", device=None, dtype=None, pool_impl: str = "auto") -> CosmosCLIP:

@@ -28,8 +28,10 @@ class PackedAttention(nn.Module):
     """Multi-head attention weights in ``nn.MultiheadAttention``'s packed layout.
 
     Holds ``in_proj_weight`` (3W×W), ``in_proj_bias`` (3W) and ``out_proj`` (W→W) with
-    ``nn.MultiheadAttention``'s default initialisation. ``forward`` is self-attention; the
-    cross-attention pooler reads the same weights through :meth:`project`.
+    ``nn.MultiheadAttention``'s default initialisation. ``forward(x)`` is self-attention;
+    ``forward(x, context=c)`` is cross-attention of the queries x over the keys/values of c
+    (projected once per context row). Every weight is read inside this module's own forward, as
+    ZeRO-3 requires (it gathers a module's parameters when that module's forward runs).
     """
 
     def __init__(self, width: int, heads: int):
@@ -58,7 +60,12 @@ class PackedAttention(nn.Module):
         n, _, length, _ = x.shape
         return x.transpose(1, 2).reshape(n, length, self.width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is not None:
+            q = self.split_heads(self.project(x, 0))                   # N × H × n × d
+            k = self.split_heads(self.project(context, 1))             # N × H × L × d
+            v = self.split_heads(self.project(context, 2))
+            return self.out_proj(self.merge_heads(attention(q, k, v, causal=causal)))
         n, length, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attention
 from .layers import LayerNorm, PackedAttention
 
 
@@ -47,9 +46,4 @@ class CrossAttentionPooler(nn.Module):
         if context.shape[-1] != self.d_model or queries.shape[-1] != self.d_model:
             raise ValueError(f"pooler width is {self.d_model}; got context width {context.shape[-1]} "
                              f"and query width {queries.shape[-1]}")
-        kv_in = self.ln_k(context)
-        a = self.attn
-        q = a.split_heads(a.project(self.ln_q(queries), 0))          # B × H × n × d
-        k = a.split_heads(a.project(kv_in, 1))                         # B × H × L × d
-        v = a.split_heads(a.project(kv_in, 2))
-        return a.out_proj(a.merge_heads(attention(q, k, v)))
+        return self.attn(self.ln_q(queries), context=self.ln_k(context))

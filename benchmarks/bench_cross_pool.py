@@ -1,0 +1,203 @@
+"""Cross-attention pooling: the official repeat-the-context reference vs shared K/V vs the Triton core.
+
+Providers
+  reference  cosmos_fast.reference.cross_pool.cross_pool_reference (context repeated n times, LN_k and
+             K/V projections on every copy, nn.MultiheadAttention), the spec
+  shared     ops.cross_pool(..., impl="shared"): LN_k and K/V once per sample, PyTorch SDPA
+  fused      cosmos_fast.fused_cross_pool.cross_pool_fused: shared K/V + the Triton attention core
+             (CUDA only)
+
+Shapes: ViT-B/16 poolers, n = 8 queries per sample, D = 512, 8 heads; the image pooler attends over
+L = 196 patch tokens, the text pooler over L = 77 tokens. Modes: ``fwd`` (a training forward,
+autograd recording) and ``fwd+bwd`` (forward, then gradients of <out, w> for the context, the
+queries and every pooler parameter).
+
+Every provider's features and gradients are checked against the reference before it is timed.
+Reported: median and p20/p80 time, extra peak memory, effective TFLOP/s (useful FLOPs of the shared
+formulation / time, the same numerator for every provider), and ratios vs the reference measured
+in the same run. Rows go to bench_results/cross_pool/<device>_<date>_<sha>.csv.
+
+    .venv/bin/python benchmarks/bench_cross_pool.py                  # B = 32, 64, 128
+    .venv/bin/python benchmarks/bench_cross_pool.py --quick          # one small size, smoke test
+    .venv/bin/python benchmarks/bench_cross_pool.py --threads 1      # CPU shared with other work
+
+On a CPU that other processes are also using, multi-threaded torch timings swing by up to ~10×
+(threads wait on a busy core); --threads 1 gives stable ratios there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import env_info, peak_memory, time_fn, write_csv  # noqa: E402
+from cosmos_fast.model.pooler import CrossAttentionPooler  # noqa: E402
+from cosmos_fast.ops import cross_pool  # noqa: E402
+from cosmos_fast.reference.cross_pool import cross_pool_reference  # noqa: E402
+
+CONTEXT_LEN = {"image": 196, "text": 77}          # ViT-B/16: 14×14 patches; 77 text tokens
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _shared(pooler, context, queries):
+    return cross_pool(pooler, context, queries, impl="shared")
+
+
+def _fused(pooler, context, queries):
+    from cosmos_fast.fused_cross_pool import cross_pool_fused
+
+    return cross_pool_fused(pooler, context, queries)
+
+
+def available_providers(device: torch.device) -> dict:
+    out = {"reference": cross_pool_reference, "shared": _shared}
+    if device.type == "cuda":
+        out["fused"] = _fused
+    return out
+
+
+def useful_flops(b: int, n: int, length: int, d: int, mode: str) -> float:
+    """Matmul FLOPs of the shared-K/V formulation (Q, K, V, out projections + attention); bwd = 2× fwd."""
+    fwd = 2 * b * n * d * d * 2 + 2 * b * length * d * d * 2 + 2 * b * n * length * d * 2
+    return fwd * (3 if mode == "fwd+bwd" else 1)
+
+
+def _call(fn, pooler, ctx, q, w, mode):
+    params = list(pooler.parameters())
+
+    def run():
+        out = fn(pooler, ctx, q)
+        if mode == "fwd":
+            return out
+        return out, torch.autograd.grad(out, [ctx, q] + params, w)
+    return run
+
+
+def _max_rel_err(got, want) -> float:
+    """max |got − want| / max |want| over the features and every gradient."""
+    pairs = [(got[0], want[0])] + list(zip(got[1], want[1])) if isinstance(got, tuple) else [(got, want)]
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+               for a, b in pairs)
+
+
+def run_case(pooler_name, length, b, n, d, heads, mode, providers, device, dtype, args):
+    torch.manual_seed(0)
+    pooler = CrossAttentionPooler(d, d, n_head=heads).to(device=device, dtype=dtype)
+    ctx = torch.randn(b, length, d, device=device, dtype=dtype, requires_grad=True)
+    q = torch.randn(b, n, d, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(b, n, d, device=device, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    calls = {name: _call(fn, pooler, ctx, q, w, mode) for name, fn in providers.items()}
+    # the reference always runs once as the truth; above --max-reference-batch it is not timed
+    skip_ref = bool(args.max_reference_batch) and b > args.max_reference_batch
+    want = calls["reference"]() if "reference" in calls else None
+    rows = []
+    for name, call in calls.items():
+        if name == "reference" and skip_ref:
+            print(f"  note: reference not timed at B={b} (> --max-reference-batch {args.max_reference_batch})")
+            continue
+        err = float("nan")
+        if want is not None:
+            err = _max_rel_err(call(), want) if name != "reference" else 0.0
+            if not err <= tol:
+                raise SystemExit(f"{name} differs from the reference: max rel err {err:.3e} > {tol:.0e} "
+                                 f"({pooler_name} B={b} {mode})")
+        t = time_fn(call, device, warmup=args.warmup, reps=args.reps)
+        mem = peak_memory(call, device)
+        rows.append({"pooler": pooler_name, "L": length, "B": b, "n": n, "D": d, "heads": heads,
+                     "dtype": str(dtype).replace("torch.", ""), "mode": mode, "provider": name,
+                     "median_ms": t["median_s"] * 1e3, "p20_ms": t["p20_s"] * 1e3, "p80_ms": t["p80_s"] * 1e3,
+                     "peak_mib": mem / 2**20,
+                     "eff_tflops": useful_flops(b, n, length, d, mode) / t["median_s"] / 1e12,
+                     "max_rel_err_vs_ref": err})
+    ref = next((r for r in rows if r["provider"] == "reference"), None)
+    for r in rows:
+        r["speedup_vs_ref"] = ref["median_ms"] / r["median_ms"] if ref else float("nan")
+        r["mem_ratio_vs_ref"] = ref["peak_mib"] / r["peak_mib"] if ref and r["peak_mib"] > 0 else float("nan")
+    return rows
+
+
+def print_table(rows):
+    head = (f"{'pooler':6s} {'L':>4s} {'B':>4s} {'mode':8s} {'provider':9s} {'median ms':>10s} "
+            f"{'p20':>9s} {'p80':>9s} {'peak MiB':>9s} {'TFLOP/s':>8s} {'rel err':>9s} "
+            f"{'speedup':>8s} {'mem ×':>7s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['pooler']:6s} {r['L']:4d} {r['B']:4d} {r['mode']:8s} {r['provider']:9s} "
+              f"{r['median_ms']:10.2f} {r['p20_ms']:9.2f} {r['p80_ms']:9.2f} {r['peak_mib']:9.1f} "
+              f"{r['eff_tflops']:8.3f} {r['max_rel_err_vs_ref']:9.1e} {r['speedup_vs_ref']:7.1f}x "
+              f"{r['mem_ratio_vs_ref']:6.1f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", default="32,64,128", help="comma-separated B values")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
+    ap.add_argument("--poolers", default="image,text", help="comma-separated, from image (L=196), text (L=77)")
+    ap.add_argument("--image-len", type=int, default=CONTEXT_LEN["image"], help="image context length "
+                    "(196 for ViT-B/16, 49 for ViT-B/32)")
+    ap.add_argument("--providers", default="reference,shared,fused",
+                    help="comma-separated; fused needs CUDA and is dropped without it")
+    ap.add_argument("--queries", type=int, default=8, help="n, queries per sample")
+    ap.add_argument("--width", type=int, default=512, help="D")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-reference-batch", type=int, default=0,
+                    help="do not time the reference above this B; it still runs once as the truth "
+                         "(0: always time it)")
+    ap.add_argument("--quick", action="store_true", help="B=8, 3 reps: a smoke test of the whole script")
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.reps, args.warmup = "8", 3, 1
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    have = available_providers(device)
+    wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = set(wanted) - {"reference", "shared", "fused"}
+    if unknown:
+        ap.error(f"unknown providers {sorted(unknown)}")
+    for p in wanted:
+        if p not in have:
+            print(f"note: provider {p!r} needs CUDA; skipped on {device}")
+    providers = {p: have[p] for p in wanted if p in have}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(modes) - set(MODES):
+        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}")
+    lengths = {"image": args.image_len, "text": CONTEXT_LEN["text"]}
+
+    info = env_info(device)
+    print(" ".join(f"{k}={v}" for k, v in info.items()), f"dtype={dtype}")
+    rows = []
+    for pooler_name in [p.strip() for p in args.poolers.split(",") if p.strip()]:
+        for b in [int(x) for x in args.batch_sizes.split(",")]:
+            for mode in modes:
+                print(f"[{pooler_name} L={lengths[pooler_name]} B={b} {mode}]", flush=True)
+                rows += run_case(pooler_name, lengths[pooler_name], b, args.queries, args.width, args.heads,
+                                 mode, providers, device, dtype, args)
+    print()
+    print_table(rows)
+    if not args.no_csv and rows:
+        print(f"\nwrote {write_csv('cross_pool', rows, device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
