@@ -3,7 +3,8 @@
 Ops and the implementations available today:
 
 * ``cross_pool(pooler, context, queries, impl)`` → norm(queries + pooler(context, queries)), (B, n, D)
-    - ``"shared"``    : LN_k and K/V once per sample (the pooler module's own forward; default)
+    - ``"fused"``     : LN_k and K/V once per sample, Triton attention core (kernels/cross_pool.py)
+    - ``"shared"``    : LN_k and K/V once per sample, PyTorch attention (the CPU path)
     - ``"reference"`` : the official repeat-the-context formulation (cosmos_fast.reference)
 * ``contrastive`` (the COSMOS loss) is selected through ``CosmosLoss(impl=...)``:
     - ``"fused"``     : Triton kernels (kernels/contrastive.py), no B×B tensor; CUDA, or the Triton
@@ -24,22 +25,8 @@ import torch.nn.functional as F
 
 from .reference.cross_pool import cross_pool_reference
 
-CROSS_POOL_IMPLS = ("shared", "reference")
+CROSS_POOL_IMPLS = ("fused", "shared", "reference")
 CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
-
-
-def _resolve(impl: str, available: tuple, op: str, default: str) -> str:
-    if impl == "auto":
-        impl = os.environ.get("COSMOS_FAST_IMPL", default)
-        if impl not in available:      # an override naming another op's impl falls back
-            impl = default
-    if impl not in available:
-        raise ValueError(f"unknown {op} implementation {impl!r}; available: {('auto',) + available}")
-    return impl
-
-
-def resolve_cross_pool_impl(impl: str = "auto") -> str:
-    return _resolve(impl, CROSS_POOL_IMPLS, "cross_pool", "shared")
 
 
 def triton_available() -> bool:
@@ -75,9 +62,25 @@ def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = N
     return impl
 
 
+def resolve_cross_pool_impl(impl: str = "auto", device: torch.device | None = None) -> str:
+    """Validate ``impl``; ``"auto"`` becomes fused on CUDA (with triton), shared otherwise."""
+    if impl == "auto":
+        override = os.environ.get("COSMOS_FAST_IMPL")
+        if override in CROSS_POOL_IMPLS:
+            return override
+        return "fused" if device is not None and device.type == "cuda" and triton_available() else "shared"
+    if impl not in CROSS_POOL_IMPLS:
+        raise ValueError(f"unknown cross_pool implementation {impl!r}; available: {('auto',) + CROSS_POOL_IMPLS}")
+    return impl
+
+
 def cross_pool(pooler, context: torch.Tensor, queries: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Cross-modal features norm(q + attn(LN_q(q), LN_k(C))) for (B, n, D) queries over (B, L, D) context."""
-    impl = resolve_cross_pool_impl(impl)
+    impl = resolve_cross_pool_impl(impl, queries.device)
     if impl == "reference":
         return cross_pool_reference(pooler, context, queries)
+    if impl == "fused":
+        from .fused_cross_pool import cross_pool_fused   # lazy: imports triton
+
+        return cross_pool_fused(pooler, context, queries)
     return F.normalize(queries + pooler(context, queries), dim=-1)

@@ -60,12 +60,16 @@ class PackedAttention(nn.Module):
         n, _, length, _ = x.shape
         return x.transpose(1, 2).reshape(n, length, self.width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, context: torch.Tensor | None = None,
+                core=None) -> torch.Tensor:
+        """Self-attention over x, or (with ``context``) cross-attention of x over context; ``core``
+        replaces the attention core (q, k, v) -> o for the cross-attention (the fused kernel)."""
         if context is not None:
             q = self.split_heads(self.project(x, 0))                   # N × H × n × d
             k = self.split_heads(self.project(context, 1))             # N × H × L × d
             v = self.split_heads(self.project(context, 2))
-            return self.out_proj(self.merge_heads(attention(q, k, v, causal=causal)))
+            o = core(q, k, v) if core is not None else attention(q, k, v, causal=causal)
+            return self.out_proj(self.merge_heads(o))
         n, length, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
