@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The cluster installs keep their own torch build: ranges here, exact pins only in the `dev` extra,
 # which is what CI and the developer machines install (see README).
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cosmos_fast", "cosmos_fast.model", "cosmos_fast.reference", "cosmos_fast.kernels"],
+    packages=find_packages(include=["cosmos_fast", "cosmos_fast.*"]) + ["cosmos_fast.kernels"],
     # kernels/ ships as cosmos_fast.kernels so it cannot clash with the unrelated PyPI `kernels`
     package_dir={"cosmos_fast": "cosmos_fast", "cosmos_fast.kernels": "kernels"},
     package_data={"cosmos_fast": ["configs/*.yaml"]},

@@ -2,6 +2,8 @@
 
     cosmos-fast demo [--output-dir DIR] [key=value ...]      the embedded default (CPU, a few minutes)
     cosmos-fast train --config PRESET_OR_YAML --output-dir DIR [--resume DIR_OR_FILE] [key=value ...]
+    cosmos-fast eval --checkpoint PATH [--model student|teacher|both] --retrieval-root DIR --imagenet-val DIR
+    cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE    (the official single-file format)
     cosmos-fast make-demo-data --output-dir DIR [--n-train N] [--n-val N] [--seed S]
 
 Without a command, ``demo`` runs.
@@ -35,6 +37,18 @@ def cmd_make_demo_data(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    try:
+        path = export_checkpoint(args.checkpoint, args.output, args.model_name)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cosmos-fast export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import run_train
 
@@ -54,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     t = add_train_args(sub.add_parser("train", help="train from a preset or YAML config"))
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("export", help="write a run's checkpoint as one official-format file")
+    e.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed tag folder or checkpoint file")
+    e.add_argument("--output", required=True)
+    e.add_argument("--model-name", default=None, help="model config name when the checkpoint lacks it")
+    e.set_defaults(func=cmd_export)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards")
     m.add_argument("--output-dir", default="runs/demo/data")
     m.add_argument("--n-train", type=int, default=2048)
@@ -70,7 +92,7 @@ def main(argv=None) -> int:
     logging.getLogger("cosmos_fast").setLevel(logging.INFO)   # third-party INFO chatter stays quiet
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("demo", "train", "make-demo-data", "-h", "--help"):
+    if not argv or argv[0] not in ("demo", "train", "eval", "export", "make-demo-data", "-h", "--help"):
         argv = ["demo", *argv]
     args = parser.parse_args(argv)
     return args.func(args)

@@ -84,8 +84,35 @@ class TrainSection:
     save_every_steps: int = _f(1000, "also write epoch_latest.pt every N steps (0 = only at epoch ends)")
     eval_every_steps: int = _f(0, "retrieval eval on data.val_shards every N steps (0 = only at the end)")
     max_nonfinite: int = _f(5, "stop after this many non-finite losses in a row")
+    auto_resume: bool = _f(True, "without --resume, continue from the newest complete checkpoint in OUTPUT")
     progress: bool = _f(True, "show a progress bar")
     tensorboard: bool = _f(True, "write TensorBoard scalars to OUTPUT/tb")
+
+
+@dataclass
+class DistributedSection:
+    backend: str = _f("auto", "auto (DeepSpeed when launched on several ranks), none, or deepspeed")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3 (3 also partitions the fp32 EMA teacher)")
+    optimizer: str = _f("torch_adamw", "torch_adamw (fused on CUDA), deepspeed_fused_adam, apex_fused_adam")
+    dist_backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU), nccl or gloo")
+    timeout_minutes: int = _f(30, "collective timeout: a hung rank fails with an error after this")
+    grad_semantics: str = _f("official", "official ((1/W)·grad of the weights, as DDP) or exact (full grad)")
+    stage3_persistence_threshold: int = _f(100000, "ZeRO-3: parameters smaller than this stay gathered")
+    shm_comm: bool = _f(False, "use DeepSpeed's shared-memory comm op (JIT-compiles ~60 s on CPU)")
+    keep_last: int = _f(3, "DeepSpeed checkpoints kept in OUTPUT/checkpoints (older ones deleted)")
+
+
+@dataclass
+class EvalSection:
+    retrieval_root: str = _f("", "zero-shot retrieval root holding coco/ and flickr30k-images/ (empty = off)")
+    retrieval_sets: str = _f("coco,flickr30k", "retrieval data sets under retrieval_root")
+    retrieval_split: str = _f("official", "official (COCO val2017, Flickr30k val) or karpathy (test splits)")
+    imagenet_val: str = _f("", "ImageNet-style val folder for zero-shot classification (empty = off)")
+    imagenet_classnames: str = _f("", "optional class-name file (default: open_clip's ImageNet names)")
+    sun397_root: str = _f("", "SUN397 folder (seeded split, documented) (empty = off)")
+    every_steps: int = _f(0, "zero-shot evaluation every N steps on every rank (0 = only at the end)")
+    batch_size: int = _f(256, "evaluation batch size per rank")
+    num_workers: int = _f(4, "image-loading workers for evaluation")
 
 
 @dataclass
@@ -95,6 +122,8 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)
     ema: EMASection = field(default_factory=EMASection)
     train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,7 +138,7 @@ class ConfigError(ValueError):
 
 def _section_cls(name):
     return {"model": ModelSection, "data": DataSection, "optim": OptimSection, "ema": EMASection,
-            "train": TrainSection}[name]
+            "train": TrainSection, "distributed": DistributedSection, "eval": EvalSection}[name]
 
 
 def _suggest(word, options) -> str:
@@ -231,6 +260,28 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     _choice("ema.schedule", e.schedule, ("fixed", "cosine"))
     _choice("ema.order", e.order, ("before_step", "after_step"))
     _choice("train.precision", t.precision, ("fp32", "amp_bf16", "amp_fp16"))
+    z = cfg.distributed
+    _choice("distributed.backend", z.backend, ("auto", "none", "deepspeed"))
+    _choice("distributed.zero_stage", z.zero_stage, (0, 1, 2, 3))
+    _choice("distributed.optimizer", z.optimizer, ("torch_adamw", "deepspeed_fused_adam", "apex_fused_adam"))
+    _choice("distributed.dist_backend", z.dist_backend, ("auto", "nccl", "gloo"))
+    _choice("distributed.grad_semantics", z.grad_semantics, ("official", "exact"))
+    _choice("eval.retrieval_split", cfg.eval.retrieval_split, ("official", "karpathy"))
+    if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1 or cfg.eval.num_workers < 0:
+        raise ConfigError("eval.every_steps, eval.batch_size and eval.num_workers must be >= 0, >= 1 and >= 0")
+    for path, value in (("eval.retrieval_root", cfg.eval.retrieval_root), ("eval.imagenet_val", cfg.eval.imagenet_val),
+                        ("eval.sun397_root", cfg.eval.sun397_root)):
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"config field {path} = {value!r} is not a folder")
+    if z.timeout_minutes < 1 or z.keep_last < 1:
+        raise ConfigError(f"distributed.timeout_minutes ({z.timeout_minutes}) and distributed.keep_last "
+                          f"({z.keep_last}) must be >= 1")
+    if world_size > 1 and z.backend == "none":
+        raise ConfigError(f"distributed.backend = 'none' but the launcher started {world_size} ranks")
+    if z.optimizer == "apex_fused_adam":
+        import importlib.util
+        if importlib.util.find_spec("apex") is None:
+            raise ConfigError("distributed.optimizer = apex_fused_adam but NVIDIA apex is not installed")
     for path, value, lo in [("data.batch_size", d.batch_size, 1), ("data.train_num_samples", d.train_num_samples, 1),
                             ("data.num_workers", d.num_workers, 0), ("data.num_captions", d.num_captions, 2),
                             ("data.local_crops", d.local_crops, 0), ("data.local_size", d.local_size, 1),

@@ -68,7 +68,7 @@ def run_demo(output_dir="runs/demo", overrides=(), seed: int = 0) -> dict:
     out = Path(output_dir)
     patterns = ensure_demo_data(out / "data", seed)
     cfg = load_config("tiny-cpu", [f"data.train_shards={patterns['train']}", f"data.val_shards={patterns['val']}",
-                                   f"train.seed={seed}", *overrides])
+                                   f"train.seed={seed}", "train.auto_resume=false", *overrides])
     trainer = Trainer(cfg, out)
     try:
         before = trainer.evaluate()

@@ -27,6 +27,8 @@ def cosmos_forward_loss(student, teacher, loss_fn, crops, captions: torch.Tensor
         batch_size=b,
     )
     losses["loss"] = losses["clip_loss"] + losses["distill_loss"]
+    losses["logit_scale"] = s["logit_scale"].detach()               # as used in this step's forward
+    losses["distill_logit_scale"] = s["distill_logit_scale"].detach()
     return losses
 
 

@@ -31,11 +31,11 @@ def run_train(args) -> int:
         for key, default, text in describe():
             print(f"{key:32s} {default:14s} {text}")
         return 0
-    from .trainer import NonFiniteLossError, Trainer
+    from .trainer import NonFiniteLossError, Preempted, Trainer
 
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg, args.output_dir, resume=args.resume)
+        trainer = Trainer(cfg, args.output_dir, resume=args.resume, local_rank=args.local_rank)
     except (ConfigError, FileNotFoundError) as e:
         print(f"cosmos-fast train: {e}", file=sys.stderr)
         return 2
@@ -43,9 +43,13 @@ def run_train(args) -> int:
         trainer.train()
         if cfg.data.val_shards:
             trainer.log_eval(trainer.evaluate())
+        trainer.zero_shot_eval()
     except NonFiniteLossError as e:
         logging.getLogger("cosmos_fast").error("%s", e)
         return 3
+    except Preempted as e:
+        logging.getLogger("cosmos_fast").warning("%s", e)
+        return 143
     finally:
         trainer.close()
     return 0

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +27,12 @@ from .data.loader import StreamSpec, WebDatasetLoader, expand_shards, steps_per_
 from .ema import MomentumSchedule, build_teacher
 from .loss import CosmosLoss
 from .model import create_model, set_attention_backend
-from .model.checkpoint import save_checkpoint, select_state_dict, strip_prefix, check_state_dict, torch_load
-from .optim import build_adamw
+from .distributed import (clamp_scales_zero, deepspeed_config, ema_update_zero, full_state_dict, gathered,
+                          init_distributed, load_full_state_dict, memory_plan, partition_teacher,
+                          wants_deepspeed, build_optimizer)
+from .model.checkpoint import (atomic_torch_save, check_state_dict, save_checkpoint, select_state_dict,
+                               strip_prefix, torch_load)
+from .model.cosmos import LOGIT_SCALE_MAX
 from .schedules import WarmupCosineLR
 from .step import cosmos_train_step
 
@@ -34,6 +41,10 @@ log = logging.getLogger("cosmos_fast.trainer")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after writing a checkpoint."""
 
 
 def _rng_state() -> dict:
@@ -62,16 +73,24 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, output_dir, resume=None, rank: int = 0, world_size: int = 1):
-        self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.notes = validate(cfg, world_size)
+    def __init__(self, cfg: Config, output_dir, resume=None, local_rank: int | None = None):
+        self.cfg = cfg
+        self.use_ds = wants_deepspeed(cfg)
+        if self.use_ds:
+            self.rank, self.world, self.local_rank = init_distributed(cfg, local_rank)
+        else:
+            self.rank, self.world, self.local_rank = 0, 1, 0
+        self.is_main = self.rank == 0
+        self.notes = validate(cfg, self.world)
         self.out = Path(output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.out.mkdir(parents=True, exist_ok=True)
-        self._log_file = logging.FileHandler(self.out / "train.log")
-        self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._log_file = None
         pkg_log = logging.getLogger("cosmos_fast")
-        pkg_log.addHandler(self._log_file)
+        if self.is_main:
+            self._log_file = logging.FileHandler(self.out / "train.log")
+            self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            pkg_log.addHandler(self._log_file)
         if pkg_log.getEffectiveLevel() > logging.INFO:     # the run log always gets INFO lines
             pkg_log.setLevel(logging.INFO)
         self.device = self._device(cfg.train.device)
@@ -81,16 +100,30 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.student = create_model(cfg.model.name, pool_impl=cfg.model.pool_impl).to(self.device)
         self.student.set_grad_checkpointing(cfg.model.grad_checkpointing)
-        self.teacher = build_teacher(self.student)
-        seed_everything(cfg.train.seed + rank)
-        self.loss_fn = CosmosLoss(impl=cfg.model.loss_impl)
+        self.teacher = build_teacher(self.student)               # fp32, before any partitioning
+        seed_everything(cfg.train.seed + self.rank)
+        self.loss_fn = CosmosLoss(impl=cfg.model.loss_impl, grad_semantics=cfg.distributed.grad_semantics)
         o = cfg.optim
-        extra = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = build_adamw(self.student, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                     weight_decay=o.weight_decay, **extra)
+        self.optimizer = build_optimizer(cfg, self.student)
+        self.engine = None
+        self.stage = 0
         amp = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(cfg.train.precision)
         self.amp_dtype = amp
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "amp_fp16" else None
+        self.scaler = None
+        if self.use_ds:
+            import deepspeed
+
+            self.stage = cfg.distributed.zero_stage
+            self.ds_config = deepspeed_config(cfg, self.world)
+            if self.stage == 3:
+                partition_teacher(self.teacher, self.ds_config)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.student, optimizer=self.optimizer, config=self.ds_config)
+            self.student = self.engine.module
+            if self.is_main:
+                (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        elif cfg.train.precision == "amp_fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
 
         self.loader = self._build_loader()
         self.steps_per_epoch = self.loader.steps_per_epoch
@@ -104,20 +137,25 @@ class Trainer:
         self.overflows = 0
         self._val = None
         self._saved_step = None
+        self._stop_requested = False
         self.metrics_path = self.out / "metrics.jsonl"
+        if resume is None and cfg.train.auto_resume:
+            resume = self._newest_checkpoint()
+            if resume is not None:
+                log.info("auto-resume: found %s", resume)
         if resume:
             self.resume(resume)
-        else:
+        elif self.is_main:
             self.metrics_path.write_text("")
-        save_config(cfg, self.out / "config.yaml")
-        self.tb = self._tensorboard() if cfg.train.tensorboard else None
+        if self.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        self.tb = self._tensorboard() if cfg.train.tensorboard and self.is_main else None
         self._log_start()
 
     # ----------------------------------------------------------------- build
-    @staticmethod
-    def _device(name: str) -> torch.device:
+    def _device(self, name: str) -> torch.device:
         if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         return torch.device(name)
 
     def _build_loader(self) -> WebDatasetLoader:
@@ -142,10 +180,13 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"))
 
     def _log_start(self):
-        n = sum(p.numel() for p in self.student.parameters())
-        fp32 = 4 * n
-        log.info("model %s: %.2fM parameters; student %.1f MB + fp32 teacher %.1f MB + AdamW state %.1f MB",
-                 self.cfg.model.name, n / 1e6, fp32 / 2 ** 20, fp32 / 2 ** 20, 2 * fp32 / 2 ** 20)
+        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.student.parameters())
+        plan = memory_plan(n, self.stage, self.world, self.cfg.train.precision)
+        mb = {k: f"{v / 2 ** 20:.1f} MB" for k, v in plan.items()}
+        log.info("model %s: %.2fM parameters; per rank (%s, ZeRO-%d, %d ranks): student weights %s, gradients %s, "
+                 "optimizer %s, fp32 teacher %s, total %s", self.cfg.model.name, n / 1e6,
+                 "DeepSpeed" if self.use_ds else "single process", self.stage, self.world, mb["student_weights"],
+                 mb["gradients"], mb["optimizer"], mb["teacher"], mb["total"])
         for note in self.notes:
             log.info(note)
         log.info("device %s, precision %s, %d steps/epoch × %d epochs = %d steps (starting at step %d)",
@@ -161,10 +202,14 @@ class Trainer:
         m = self.momentum(self.step)
         crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
         captions = batch["captions"].to(self.device, non_blocking=True)
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else None)
-        out = cosmos_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, captions,
-                                momentum=m, ema_order=self.cfg.ema.order, scaler=self.scaler,
-                                autocast=autocast, grad_clip_norm=self.cfg.optim.grad_clip_norm)
+        if self.engine is None:
+            autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                        else None)
+            out = cosmos_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, captions,
+                                    momentum=m, ema_order=self.cfg.ema.order, scaler=self.scaler,
+                                    autocast=autocast, grad_clip_norm=self.cfg.optim.grad_clip_norm)
+        else:
+            out = self._engine_step(crops, captions, m)
         out.update(lr=lr, momentum=m)
         if not out["finite"]:
             self.nonfinite_total += 1
@@ -174,15 +219,47 @@ class Trainer:
             if self.nonfinite_run >= self.cfg.train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_run} non-finite losses in a row (train.max_nonfinite = "
-                    f"{self.cfg.train.max_nonfinite}); stopping. The last good checkpoint is "
-                    f"{self.ckpt_dir / 'epoch_latest.pt'}")
+                    f"{self.cfg.train.max_nonfinite}); stopping. The last good checkpoint is in {self.ckpt_dir}")
             return out
         self.nonfinite_run = 0
         if out["overflow"]:
             self.overflows += 1
-            log.info("step %d: fp16 gradient overflow, GradScaler skipped the update (scale now %.0f)",
-                     self.step + 1, self.scaler.get_scale())
+            log.info("step %d: fp16 gradient overflow, the loss scaler skipped the update", self.step + 1)
         self.step += 1
+        return out
+
+    def _engine_step(self, crops, captions, momentum: float) -> dict:
+        """The same step through the DeepSpeed engine (the loss is global on every rank, so a
+        non-finite loss is skipped consistently by all ranks)."""
+        b = crops[0].shape[0]
+        if self.amp_dtype is not None:                   # DeepSpeed bf16/fp16 keeps 16-bit weights
+            student_crops = [c.to(self.amp_dtype) for c in crops]
+        else:
+            student_crops = crops
+        s = self.engine(student_crops, captions, batch_size=b)
+        with torch.no_grad(), gathered(self.teacher, self.stage == 3):
+            t = self.teacher(torch.cat([crops[0], crops[1]]), captions[:2 * b])
+        losses = self.loss_fn(
+            s_image_features=s["image_features"], s_text_features=s["text_features"],
+            logit_scale=s["logit_scale"], t_image_features=t["image_features"].to(s["image_features"].dtype),
+            t_text_features=t["text_features"].to(s["text_features"].dtype),
+            distill_logit_scale=s["distill_logit_scale"], s_img_crossmodal_features=s["img_crossmodal_features"],
+            s_txt_crossmodal_features=s["txt_crossmodal_features"], output_dict=True, batch_size=b)
+        loss = losses["clip_loss"] + losses["distill_loss"]
+        out = {"loss": loss.detach(), "clip_loss": losses["clip_loss"].detach(),
+               "distill_loss": losses["distill_loss"].detach(),
+               "logit_scale": s["logit_scale"].detach(), "distill_logit_scale": s["distill_logit_scale"].detach(),
+               "finite": bool(torch.isfinite(loss)), "overflow": False}
+        if not out["finite"]:
+            return out
+        self.engine.backward(loss)
+        if self.cfg.ema.order == "before_step":
+            ema_update_zero(self.teacher, self.engine.module, momentum, self.stage)
+        self.engine.step()
+        out["overflow"] = not self.engine.was_step_applied()
+        if self.cfg.ema.order == "after_step":
+            ema_update_zero(self.teacher, self.engine.module, momentum, self.stage)
+        clamp_scales_zero(self.engine, self.teacher, self.stage, LOGIT_SCALE_MAX)
         return out
 
     # ----------------------------------------------------------------- train
@@ -196,9 +273,10 @@ class Trainer:
         t = self.cfg.train
         target = min(self.total_steps, t.max_steps or self.total_steps)
         bar = tqdm(total=target, initial=self.step, desc=t.name, unit="step", dynamic_ncols=True,
-                   disable=not t.progress or self.rank != 0)
+                   disable=not t.progress or not self.is_main)
         global_batch = self.cfg.data.batch_size * self.world
         last = {}
+        previous_handler = self._install_sigterm()
         try:
             while not self._done():
                 self.loader.set_epoch(self.epoch)
@@ -208,7 +286,8 @@ class Trainer:
                     if not out["finite"]:
                         continue
                     now = time.perf_counter()
-                    last = self._record(out, batch["skipped"], global_batch / max(now - tick, 1e-9))
+                    last = self._record(out, self._global_skips(batch["skipped"]),
+                                        global_batch / max(now - tick, 1e-9))
                     tick = now
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", clip=f"{last['clip_loss']:.4f}",
@@ -218,6 +297,12 @@ class Trainer:
                         self.save()
                     if t.eval_every_steps and self.step % t.eval_every_steps == 0 and self.cfg.data.val_shards:
                         self.log_eval(self.evaluate())
+                    if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
+                        self.zero_shot_eval()
+                    if self._should_stop():
+                        log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", self.step)
+                        self.save()
+                        raise Preempted(f"stopped by SIGTERM after step {self.step}; checkpoint saved")
                     if self._done():
                         break
                 if self.loader.consumed >= self.steps_per_epoch:      # the epoch is complete
@@ -229,18 +314,49 @@ class Trainer:
                     self.save(epoch_file=True)
         finally:
             bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if self._saved_step != self.step:
             self.save()
         return last
 
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._stop_requested = True
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _should_stop(self) -> bool:
+        if self.world == 1:
+            return self._stop_requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)          # every rank stops (and saves) together
+        return bool(flag.item())
+
+    def _global_skips(self, skipped: dict) -> dict:
+        if self.world == 1:
+            return dict(skipped)
+        import torch.distributed as dist
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, dict(skipped))
+        total = {}
+        for part in parts:
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def _record(self, out: dict, skipped: dict, samples_per_s: float) -> dict:
         row = {"step": self.step, "loss": float(out["loss"]), "clip_loss": float(out["clip_loss"]),
                "distill_loss": float(out["distill_loss"]), "lr": out["lr"], "momentum": out["momentum"],
-               "logit_scale": float(self.student.logit_scale.detach().exp()),
-               "distill_logit_scale": float(self.student.distill_logit_scale.detach().exp()),
+               "logit_scale": float(out["logit_scale"]), "distill_logit_scale": float(out["distill_logit_scale"]),
                "samples_per_s": samples_per_s, "skipped_samples": dict(skipped),
                "nonfinite_steps": self.nonfinite_total}
-        if self.rank == 0:
+        if self.is_main:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             if self.tb is not None:
@@ -268,13 +384,45 @@ class Trainer:
 
         images, tokens, owner = self._val_set()
         bs = self.cfg.data.eval_batch_size
-        return {name: retrieval_eval(model, images, tokens, owner, bs)
-                for name, model in (("student", self.student), ("teacher", self.teacher))}
+        results = {}
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            with gathered(model, self.stage == 3):          # every rank takes part under ZeRO-3
+                results[name] = retrieval_eval(model, images, tokens, owner, bs)
+        return results
+
+    def zero_shot_eval(self) -> dict | None:
+        """COCO / Flickr30k retrieval and ImageNet (and SUN397) zero-shot classification of student
+        and teacher, on every rank (features sharded and gathered); rank 0 writes zero_shot.jsonl."""
+        from .eval import evaluate_models, format_results, load_eval_sets, log_to_tensorboard
+
+        e = self.cfg.eval
+        if not (e.retrieval_root or e.imagenet_val or e.sun397_root):
+            return None
+        if getattr(self, "_zs_sets", None) is None:
+            self._zs_sets = load_eval_sets(
+                retrieval_root=e.retrieval_root or None,
+                retrieval_sets=tuple(x.strip() for x in e.retrieval_sets.split(",") if x.strip()),
+                split=e.retrieval_split, imagenet_val=e.imagenet_val or None,
+                imagenet_classnames=e.imagenet_classnames or None, sun397_root=e.sun397_root or None)
+        results = {}
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            with gathered(model, self.stage == 3):
+                results.update(evaluate_models(
+                    {name: model}, sets=self._zs_sets, batch_size=e.batch_size, num_workers=e.num_workers,
+                    image_size=self.cfg.data.global_size or self.student.cfg.vision_cfg.image_size,
+                    device=self.device, progress=self.is_main))
+        if self.is_main:
+            log.info("step %d zero-shot:\n%s", self.step, format_results(results))
+            with open(self.out / "zero_shot.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.step, **results}) + "\n")
+            if self.tb is not None:
+                log_to_tensorboard(self.tb, results, self.step)
+        return results
 
     def log_eval(self, results: dict) -> None:
         line = ", ".join(f"{m} i2t R@1 {r['i2t_r1']:.3f} t2i R@1 {r['t2i_r1']:.3f}" for m, r in results.items())
         log.info("step %d retrieval: %s", self.step, line)
-        if self.rank == 0:
+        if self.is_main:
             with open(self.out / "eval.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.step, **results}) + "\n")
             if self.tb is not None:
@@ -298,9 +446,10 @@ class Trainer:
         self.overflows = int(state.get("overflows", 0))
 
     def save(self, epoch_file: bool = False) -> Path | None:
-        if self.rank != 0:
-            return None
+        """Checkpoint the run: an official-format file (single process) or a DeepSpeed tag folder."""
         self._saved_step = self.step
+        if self.engine is not None:
+            return self._save_deepspeed()
         extra = {"optimizer": self.optimizer.state_dict(), "trainer": self.state_dict(),
                  "config": self.cfg.to_dict()}
         if self.scaler is not None:
@@ -312,27 +461,74 @@ class Trainer:
                             epoch=self.epoch, name=self.cfg.train.name, **extra)
         return path
 
+    def _save_deepspeed(self) -> Path:
+        """DeepSpeed's own files (engine, optimizer partitions) + per-rank trainer state + the
+        consolidated fp32 teacher, in ``checkpoints/step_NNNNNNNN/``. The folder counts only once
+        rank 0 has written ``COMPLETE`` after every rank finished, and ``latest`` is replaced
+        atomically after that, so a crash mid-save leaves the previous checkpoint the newest."""
+        import torch.distributed as dist
+
+        tag = f"step_{self.step:08d}"
+        tag_dir = self.ckpt_dir / tag
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
+                                    client_state={"step": self.step, "epoch": self.epoch})
+        atomic_torch_save({"trainer": self.state_dict(), "world": self.world},
+                          tag_dir / f"trainer_rank{self.rank:05d}.pt")
+        teacher_sd = full_state_dict(self.teacher, self.stage)        # collective under ZeRO-3
+        if self.is_main:
+            atomic_torch_save({"teacher": teacher_sd, "epoch": self.epoch, "step": self.step,
+                               "name": self.cfg.train.name, "config": self.cfg.to_dict()}, tag_dir / "teacher.pt")
+        dist.barrier()
+        if self.is_main:
+            (tag_dir / "COMPLETE").write_text(json.dumps({"step": self.step, "epoch": self.epoch,
+                                                          "world": self.world, "zero_stage": self.stage}))
+            tmp = self.ckpt_dir / ".latest.tmp"
+            tmp.write_text(tag)
+            tmp.replace(self.ckpt_dir / "latest")
+            self._retention()
+        dist.barrier()
+        return tag_dir
+
+    def _retention(self) -> None:
+        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "COMPLETE").is_file())
+        for old in tags[:-self.cfg.distributed.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _newest_checkpoint(self):
+        latest = self.ckpt_dir / "latest"
+        if latest.is_file() and (self.ckpt_dir / latest.read_text().strip() / "COMPLETE").is_file():
+            return self.ckpt_dir / latest.read_text().strip()
+        if (self.ckpt_dir / "epoch_latest.pt").is_file() and self.engine is None:
+            return self.ckpt_dir / "epoch_latest.pt"
+        return None
+
     def resume(self, source) -> None:
         path = Path(source)
         if path.is_dir():
+            tag_dir = resolve_ds_checkpoint(path)
+            if tag_dir is not None:
+                return self._resume_deepspeed(tag_dir)
             for cand in (path / "checkpoints" / "epoch_latest.pt", path / "epoch_latest.pt"):
                 if cand.is_file():
                     path = cand
                     break
             else:
-                raise FileNotFoundError(f"--resume {source}: no checkpoints/epoch_latest.pt in that folder")
+                raise FileNotFoundError(f"--resume {source}: no checkpoint found in that folder")
         body = torch_load(path)
         student_sd = strip_prefix(select_state_dict(body, "student", path))
         teacher_sd = (strip_prefix(select_state_dict(body, "teacher", path))
                       if isinstance(body, dict) and "teacher" in body else student_sd)
         for model, sd in ((self.student, student_sd), (self.teacher, teacher_sd)):
-            check_state_dict(model, sd, path)
-            model.load_state_dict(sd)
-        self.teacher.float()
-        if "trainer" not in body:
-            log.warning("--resume %s holds weights only (no optimizer, schedule, RNG or data position): "
-                        "starting a new run from these weights", path)
-            self.metrics_path.write_text("")
+            with gathered(model, self.stage == 3):
+                check_state_dict(model, sd, path)
+            load_full_state_dict(model, sd, self.stage)
+        if self.engine is not None or "trainer" not in body:
+            log.warning("--resume %s: loading weights only (no optimizer, schedule, RNG or data position%s): "
+                        "starting a new run from these weights", path,
+                        "; a single-process file cannot restore DeepSpeed optimizer partitions"
+                        if self.engine is not None and "trainer" in body else "")
+            if self.is_main:
+                self.metrics_path.write_text("")
             return
         self.optimizer.load_state_dict(body["optimizer"])
         if self.scaler is not None and "scaler" in body:
@@ -341,6 +537,25 @@ class Trainer:
         self._truncate_metrics()
         log.info("resumed %s at step %d (epoch %d, %d batches into it)", path, self.step, self.epoch,
                  self.loader.consumed)
+
+    def _resume_deepspeed(self, tag_dir: Path) -> None:
+        if self.engine is None:
+            raise ValueError(f"--resume {tag_dir} is a DeepSpeed checkpoint: launch with distributed.backend="
+                             f"deepspeed, or convert it with `cosmos-fast export` and resume from that file")
+        info = json.loads((tag_dir / "COMPLETE").read_text())
+        if info["world"] != self.world:
+            raise ValueError(f"checkpoint {tag_dir} was written by {info['world']} ranks, this run has "
+                             f"{self.world}: export it (`cosmos-fast export`) and --resume from the "
+                             f"consolidated file to continue from its weights")
+        self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_lr_scheduler_states=False)
+        teacher = torch_load(tag_dir / "teacher.pt")
+        load_full_state_dict(self.teacher, teacher["teacher"], self.stage)
+        state = torch_load(tag_dir / f"trainer_rank{self.rank:05d}.pt")
+        self.load_state_dict(state["trainer"])
+        if self.is_main:
+            self._truncate_metrics()
+        log.info("resumed DeepSpeed checkpoint %s at step %d (epoch %d, %d batches into it)", tag_dir,
+                 self.step, self.epoch, self.loader.consumed)
 
     def _truncate_metrics(self) -> None:
         if not self.metrics_path.is_file():
@@ -353,6 +568,22 @@ class Trainer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        logging.getLogger("cosmos_fast").removeHandler(self._log_file)
-        self._log_file.close()
+        if self._log_file is not None:
+            logging.getLogger("cosmos_fast").removeHandler(self._log_file)
+            self._log_file.close()
+
+
+def resolve_ds_checkpoint(path: Path) -> Path | None:
+    """The complete DeepSpeed tag folder for a run folder, a checkpoints folder or a tag folder."""
+    path = Path(path)
+    if (path / "COMPLETE").is_file():
+        return path
+    for ckdir in (path / "checkpoints", path):
+        latest = ckdir / "latest"
+        if latest.is_file():
+            tag_dir = ckdir / latest.read_text().strip()
+            if (tag_dir / "COMPLETE").is_file():
+                return tag_dir
+            raise FileNotFoundError(f"{latest} names {tag_dir.name}, which is incomplete")
+    return None
 

@@ -211,3 +211,27 @@ def test_amp_training_on_cuda(data, tmp_path, precision):
     r = rows(tmp_path / "metrics.jsonl")
     assert len(r) == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in r)
     assert all(p.dtype == torch.float32 for p in t.teacher.parameters())
+
+
+def test_zero_shot_eval_inside_training(data, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imagenet"
+    for i, wnid in enumerate(["n01", "n02", "n03"]):
+        (root / wnid).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (40, 40), (80 * i, 30 * j, 200 - 60 * i)).save(root / wnid / f"{j}.JPEG")
+    names = tmp_path / "names.txt"
+    names.write_text("red square\ngreen circle\nblue triangle\n")
+    cfg = small_cfg(data, "train.max_steps=2", f"eval.imagenet_val={root}", f"eval.imagenet_classnames={names}",
+                    "eval.every_steps=1", "eval.num_workers=0", "eval.batch_size=4")
+    t = Trainer(cfg, tmp_path / "run")
+    t.train()
+    t.close()
+    rows_ = rows(tmp_path / "run" / "zero_shot.jsonl")
+    assert [r["step"] for r in rows_] == [1, 2]
+    for model in ("student", "teacher"):
+        res = rows_[-1][model]["imagenet"]
+        assert res["n_images"] == 6 and 0.0 <= res["top1"] <= res["top5"] == 1.0   # 3 classes: top-5 is all
+    with pytest.raises(ConfigError, match="eval.imagenet_val"):
+        validate(small_cfg(data, "eval.imagenet_val=/nonexistent"), cuda=False)

@@ -184,7 +184,7 @@ SCALAR_KEYS = ("logit_scale", "distill_logit_scale")
 def _scalars_to_0d(module, state_dict, prefix, local_metadata):
     for name in SCALAR_KEYS:
         key = prefix + name
-        if key in state_dict and state_dict[key].dim() == 1:
+        if key in state_dict and state_dict[key].dim() == 1 and state_dict[key].numel() == 1:
             state_dict[key] = state_dict[key].reshape(())
 
 

@@ -1,0 +1,271 @@
+"""``cosmos-fast eval``: zero-shot evaluation of a checkpoint (ours or an official release).
+
+    cosmos-fast eval --checkpoint PATH [--model teacher|student|both] [--model-config ViT-B-16|tiny|cfg.json]
+                     [--retrieval-root DIR [--retrieval-sets coco,flickr30k] [--retrieval-split official|karpathy]]
+                     [--imagenet-val DIR [--imagenet-classnames FILE]] [--sun397-root DIR [--sun397-seed S]]
+                     [--batch-size N] [--num-workers N] [--device auto|cpu|cuda:N] [--precision fp32|amp_bf16|amp_fp16]
+                     [--output results.json]
+    cosmos-fast eval --huggingface-repo-name sankim2/cosmos --huggingface-model-name cosmos_vitb16_cc3m.pt ...
+
+A released model named with ``--huggingface-*`` is fetched with ``huggingface_hub`` where the network
+allows and read from the local hub cache otherwise (``HF_HUB_OFFLINE=1`` reads only the cache;
+``HF_HUB_CACHE`` / ``HF_HOME`` locate it). ``--model`` defaults to the teacher (the EMA model, which
+the official segmentation evaluation uses); ``both`` evaluates student and teacher on one pass over
+the data, as the official ``main.py`` does. A file holding a single model is evaluated once, under
+the name ``model``. ``--model-config`` defaults to ViT-B-32 when the file name says ``vitb32`` and to
+ViT-B-16 otherwise.
+
+The JSON written with ``--output``: ``{model, model_config, checkpoint, source, huggingface, epoch,
+run_name, image_size, split, datasets: {name: {metrics..., n_images, n_texts | n_classes, ...}}}``;
+with ``--model both`` the per-model results are under ``models: {student: {datasets}, teacher:
+{datasets}}`` instead of ``datasets``. Exit status 0 on success, 2 on a usage or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .datasets import RETRIEVAL_SETS, SPLITS
+
+WEIGHTS = ("teacher", "student", "both")
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
+class CheckpointSourceError(RuntimeError):
+    """The checkpoint could not be located (bad path, or not downloadable and not in the hub cache)."""
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache_dir() -> str | None:
+    """The hub cache named by the environment *now* (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def download_checkpoint(repo_id: str, filename: str, revision: str | None = None, cache_dir=None) -> Path:
+    """``hf_hub_download`` of a released checkpoint; only the local cache under ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    cache_dir = cache_dir or _hub_cache_dir()
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=offline))
+    except (OSError, ValueError, EntryNotFoundError) as e:
+        where = cache_dir or "the default hub cache"
+        mode = "offline (HF_HUB_OFFLINE=1): only the cache was read" if offline else \
+            "the download failed and the file is not in the cache"
+        raise CheckpointSourceError(
+            f"cannot get {filename!r} from the Hugging Face repo {repo_id!r} ({mode}; cache: {where}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Download it where the network "
+            f"allows (it lands in the hub cache), or pass --checkpoint PATH") from e
+
+
+def resolve_checkpoint(checkpoint=None, repo_id: str | None = None, filename: str | None = None,
+                       revision: str | None = None) -> tuple[Path, dict | None]:
+    """(path, huggingface info or None) from either a path or a (repo, file) pair."""
+    if checkpoint and (repo_id or filename):
+        raise ValueError("give either --checkpoint or --huggingface-repo-name/--huggingface-model-name, not both")
+    if repo_id or filename:
+        if not (repo_id and filename):
+            raise ValueError("--huggingface-repo-name and --huggingface-model-name go together")
+        path = download_checkpoint(repo_id, filename, revision)
+        return path, {"repo": repo_id, "file": filename, "revision": revision}
+    if not checkpoint:
+        raise ValueError("no checkpoint: pass --checkpoint PATH or --huggingface-repo-name/--huggingface-model-name")
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path, None
+
+
+def resolve_model_config(value, checkpoint_name: str = ""):
+    """(config for ``create_model``, label): a model name, or a JSON file holding a config dict."""
+    if value is None:
+        low = checkpoint_name.lower().replace("-", "").replace("_", "")
+        value = "ViT-B-32" if "vitb32" in low else "ViT-B-16"
+    if isinstance(value, Mapping):
+        return dict(value), "custom"
+    path = Path(value)
+    if path.suffix.lower() == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file {path} not found")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config file {path} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"model config file {path} must hold a JSON object, got {type(cfg).__name__}")
+        return cfg, str(path)
+    return value, value
+
+
+def load_models(path, model_config, weights: Sequence[str] = ("teacher",), device="cpu") -> tuple[dict, dict]:
+    """Build and load ``weights`` ("student" / "teacher") from one read of the file.
+
+    A file holding one model (bare state dict, or ``state_dict`` without ``ema_state_dict``) yields a
+    single entry ``"model"``. Returns ``({name: model in eval mode}, {"epoch", "run_name"})``.
+    """
+    from ..model import create_model
+    from ..model.checkpoint import check_state_dict, select_state_dict, strip_prefix, torch_load
+
+    obj = torch_load(path)
+    two = isinstance(obj, Mapping) and (any(k in obj for k in ("student", "teacher"))
+                                        or {"state_dict", "ema_state_dict"} <= set(obj))
+    models = {}
+    for w in (weights if two else ("model",)):
+        if w not in ("student", "teacher", "model"):
+            raise ValueError(f"unknown weights {w!r}; choose student or teacher")
+        sd = strip_prefix(select_state_dict(obj, w if two else None, path))
+        model = create_model(model_config)
+        check_state_dict(model, sd, path)
+        model.load_state_dict(sd, strict=True)
+        models[w] = model.to(device).eval()
+    meta = {}
+    if isinstance(obj, Mapping):
+        meta = {"epoch": obj.get("epoch") if isinstance(obj.get("epoch"), int) else None,
+                "run_name": obj.get("name") if isinstance(obj.get("name"), str) else None}
+    return models, meta
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None, huggingface_file: str | None = None,
+                        huggingface_revision: str | None = None, model: str = "teacher", model_config=None,
+                        device="auto", **eval_kwargs) -> dict:
+    """Resolve, load and evaluate a checkpoint; returns the report written by ``--output``.
+
+    ``eval_kwargs`` go to :func:`cosmos_fast.eval.evaluate.evaluate_models` (retrieval_root,
+    retrieval_sets, split, imagenet_val, imagenet_classnames, sun397_root, batch_size, ...).
+    """
+    from .evaluate import evaluate_models, load_eval_sets
+
+    if model not in WEIGHTS:
+        raise ValueError(f"--model must be one of {WEIGHTS}, got {model!r}")
+    split = eval_kwargs.get("split", "official")
+    data_keys = ("retrieval_root", "retrieval_sets", "split", "imagenet_val", "imagenet_classnames", "sun397_root",
+                 "sun397_seed")
+    # annotation errors surface before a (1.2 GB) checkpoint is read
+    sets = load_eval_sets(**{k: eval_kwargs.pop(k) for k in data_keys if k in eval_kwargs})
+    path, hf = resolve_checkpoint(checkpoint, huggingface_repo, huggingface_file, huggingface_revision)
+    cfg, label = resolve_model_config(model_config, path.name)
+    dev = _device(device) if isinstance(device, str) else torch.device(device)
+    weights = ("student", "teacher") if model == "both" else (model,)
+    models, meta = load_models(path, cfg, weights, dev)
+    image_size = eval_kwargs.get("image_size") or next(iter(models.values())).cfg.vision_cfg.image_size
+    results = evaluate_models(models, device=dev, distributed=False, sets=sets, **eval_kwargs)
+    report = {"model": "model" if "model" in models else model, "model_config": label,
+              "checkpoint": str(path.resolve()), "source": "huggingface" if hf else "local", "huggingface": hf,
+              **meta, "image_size": image_size, "split": split}
+    if len(models) == 1:
+        report["datasets"] = next(iter(results.values()))
+    else:
+        report["models"] = {name: {"datasets": per_set} for name, per_set in results.items()}
+    return report
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    src = p.add_argument_group("checkpoint")
+    src.add_argument("--checkpoint", help="checkpoint file (official format, ours, or a bare state dict)")
+    src.add_argument("--huggingface-repo-name", metavar="REPO", help="e.g. sankim2/cosmos")
+    src.add_argument("--huggingface-model-name", metavar="FILE", help="e.g. cosmos_vitb16_cc3m.pt")
+    src.add_argument("--huggingface-revision", metavar="REV", help="branch, tag or commit (default main)")
+    src.add_argument("--model", choices=WEIGHTS, default="teacher",
+                     help="weights to evaluate (default teacher; both = student and teacher, as main.py)")
+    src.add_argument("--model-config", metavar="NAME_OR_JSON",
+                     help="ViT-B-16, ViT-B-32, tiny or a JSON config file (default: from the file name, else ViT-B-16)")
+    data = p.add_argument_group("data")
+    data.add_argument("--retrieval-root", metavar="DIR", help="folder holding coco/ and flickr30k-images/")
+    data.add_argument("--retrieval-sets", default=",".join(RETRIEVAL_SETS),
+                      help="comma-separated (default %(default)s)")
+    data.add_argument("--retrieval-split", choices=SPLITS, default="official",
+                      help="official = COCO val2017 + Flickr30k val (published numbers); karpathy = 5k/1k test")
+    data.add_argument("--imagenet-val", metavar="DIR", help="ImageFolder of <wnid>/*.JPEG (imagenet/data/val_images)")
+    data.add_argument("--imagenet-classnames", metavar="FILE",
+                      help="class names for a folder with other than 1000 classes (lines, JSON list or map)")
+    data.add_argument("--sun397-root", metavar="DIR", help="torchvision SUN397 layout (SUN397/ClassName.txt)")
+    data.add_argument("--sun397-seed", type=int, default=0, help="seed of the documented SUN397 test subset")
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    run.add_argument("--image-size", type=int, help="evaluation resolution (default: the model's)")
+    run.add_argument("--output", metavar="JSON", help="write the results here")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to an ``add_subparsers()`` object; it dispatches to :func:`run_eval`."""
+    p = subparsers.add_parser("eval", help="zero-shot retrieval / classification of a checkpoint",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    _add_eval_args(p)
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args) -> int:
+    from ..model.checkpoint import CheckpointMismatchError
+    from .evaluate import format_results
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        print("cosmos-fast eval: error: --batch-size must be >= 1 and --num-workers >= 0", file=sys.stderr)
+        return 2
+    if not (args.retrieval_root or args.imagenet_val or args.sun397_root):
+        print("cosmos-fast eval: error: nothing to evaluate; pass --retrieval-root, --imagenet-val and/or "
+              "--sun397-root", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_checkpoint(
+            args.checkpoint, huggingface_repo=args.huggingface_repo_name,
+            huggingface_file=args.huggingface_model_name, huggingface_revision=args.huggingface_revision,
+            model=args.model, model_config=args.model_config, device=args.device,
+            retrieval_root=args.retrieval_root, retrieval_sets=args.retrieval_sets, split=args.retrieval_split,
+            imagenet_val=args.imagenet_val, imagenet_classnames=args.imagenet_classnames,
+            sun397_root=args.sun397_root, sun397_seed=args.sun397_seed, batch_size=args.batch_size,
+            num_workers=args.num_workers, image_size=args.image_size, autocast_dtype=PRECISIONS[args.precision],
+            progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, CheckpointSourceError,
+            CheckpointMismatchError) as e:
+        print(f"cosmos-fast eval: error: {e}", file=sys.stderr)
+        return 2
+    per_model = report["models"] if "models" in report else {report["model"]: {"datasets": report["datasets"]}}
+    print(format_results({name: r["datasets"] for name, r in per_model.items()}))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"results written to {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m cosmos_fast.eval.cli [eval args]`` (the same as ``cosmos-fast eval``)."""
+    parser = _add_eval_args(argparse.ArgumentParser(prog="cosmos-fast eval", description=__doc__.split("\n\n")[0]))
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""``cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE``: the official single file.
+
+Reads a DeepSpeed checkpoint folder (a run folder, its ``checkpoints/`` folder or one
+``step_*`` tag) — the student's fp32 weights are consolidated from the ZeRO partitions with
+DeepSpeed's ``zero_to_fp32`` on CPU, in one process, whatever the stage and number of ranks — or a
+single-process checkpoint file, and writes ``{'epoch', 'name', 'student' ('module.' keys),
+'teacher'}`` in fp32, which the official COSMOS code and :func:`cosmos_fast.load_checkpoint` load.
+The weights are checked against a model built from the run's config before anything is written.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .model import create_model
+from .model.checkpoint import check_state_dict, save_checkpoint, select_state_dict, strip_prefix, torch_load
+
+log = logging.getLogger("cosmos_fast.export")
+
+
+def export_checkpoint(source, output, model_name: str | None = None) -> Path:
+    from .trainer import resolve_ds_checkpoint
+
+    source = Path(source)
+    tag_dir = resolve_ds_checkpoint(source) if source.is_dir() else None
+    if tag_dir is not None:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        meta = torch_load(tag_dir / "teacher.pt")
+        student = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name).items()}
+        teacher, epoch, name = meta["teacher"], int(meta["epoch"]), meta["name"]
+        model_name = model_name or meta["config"]["model"]["name"]
+    else:
+        if not source.is_file():
+            raise FileNotFoundError(f"export: {source} is neither a checkpoint file nor a DeepSpeed checkpoint folder")
+        body = torch_load(source)
+        student = select_state_dict(body, "student", source)
+        teacher = select_state_dict(body, "teacher", source) if "teacher" in body else student
+        epoch, name = int(body.get("epoch", 0)), body.get("name", "cosmos_fast")
+        model_name = model_name or (body.get("config") or {}).get("model", {}).get("name")
+        if model_name is None:
+            raise ValueError(f"export: {source} does not record its model; pass --model-name")
+    model = create_model(model_name, device="meta")
+    checked = {}
+    for which, sd in (("student", student), ("teacher", teacher)):
+        sd = strip_prefix(sd)
+        sd = {k: (v.reshape(()) if k.endswith("logit_scale") and v.numel() == 1 else v.float())
+              for k, v in sd.items()}
+        check_state_dict(model, sd, f"{source} ({which})")
+        checked[which] = sd
+    path = save_checkpoint(output, checked["student"], checked["teacher"], epoch=epoch, name=name)
+    log.info("exported %s (%s, epoch %d) to %s", source, model_name, epoch, path)
+    return path
