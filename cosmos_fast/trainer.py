@@ -91,7 +91,9 @@ class Trainer:
             self._log_file = logging.FileHandler(self.out / "train.log")
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             pkg_log.addHandler(self._log_file)
-        if pkg_log.getEffectiveLevel() > logging.INFO:     # the run log always gets INFO lines
+        if not self.is_main:                                # one rank speaks for the run
+            pkg_log.setLevel(logging.WARNING)
+        elif pkg_log.getEffectiveLevel() > logging.INFO:   # the run log always gets INFO lines
             pkg_log.setLevel(logging.INFO)
         self.device = self._device(cfg.train.device)
         set_attention_backend(cfg.model.attention)

@@ -3,6 +3,7 @@ losses, student and (sharded) EMA teacher; stop-and-resume; export; the fp32 tea
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,11 +136,13 @@ def test_zero_stage_equals_one_process(data, tmp_path, single, stage):
 
 
 def test_stop_resume_and_export(data, tmp_path, single):
-    over = ["distributed.zero_stage=3", "distributed.grad_semantics=exact"]
+    over = ["distributed.zero_stage=3", "distributed.grad_semantics=exact", "distributed.keep_last=1"]
     run_ranks(tmp_path / "run", data, over, 0, 2)                      # 2 steps, then save and stop
     tag = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert tag == "step_00000002" and (tmp_path / "run" / "checkpoints" / tag / "COMPLETE").is_file()
     resumed = run_ranks(tmp_path / "run", data, over, 2, STEPS + 2, resume=str(tmp_path / "run"))
+    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert tags == [f"step_{STEPS + 2:08d}"]                           # keep_last=1 retention
     for res in resumed:
         assert res["step"] == STEPS + 2
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(single["losses"][2:]),
@@ -184,3 +187,74 @@ def test_teacher_moves_under_bf16_zero3_shards(data, tmp_path):
     assert after.dtype == torch.float32
     assert (after != before).float().mean() > 0.99
     torch.testing.assert_close(after, 0.999 * before + 0.001 * s["w"].ds_tensor.float(), rtol=1e-6, atol=1e-7)
+
+
+def _cli_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _cli_overrides(data, out):
+    return ["--config", "tiny-cpu", "--output-dir", str(out), f"data.train_shards={data['train']}",
+            "data.val_shards=", "data.num_workers=0", "data.batch_size=4", "data.global_size=32",
+            "data.local_size=16", "data.train_num_samples=64", "train.progress=false", "train.tensorboard=false"]
+
+
+def test_deepspeed_launcher_two_cpu_ranks(data, tmp_path):
+    """The documented launch: deepspeed --num_gpus 2 --module cosmos_fast.train ... (CPU, gloo)."""
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    out = tmp_path / "run"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "cosmos_fast.train",
+           *_cli_overrides(data, out), "distributed.backend=deepspeed", "distributed.zero_stage=2",
+           "train.max_steps=2"]
+    res = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]              # written once, by rank 0
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert json.loads((out / "deepspeed_config.json").read_text())["train_batch_size"] == 8
+
+
+def test_sigterm_saves_and_exits(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cosmos_fast.train", *_cli_overrides(data, out), "distributed.backend=none",
+           "train.save_every_steps=0", "optim.epochs=50"]
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, output[-3000:]
+    assert "SIGTERM received" in output
+    body = torch.load(out / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert body["trainer"]["step"] == steps[-1] >= 2
+
+
+def test_incomplete_checkpoint_is_ignored_and_retention(tmp_path):
+    from cosmos_fast.trainer import resolve_ds_checkpoint
+
+    ck = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):      # 30: crashed mid-save
+        d = ck / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / "COMPLETE").write_text("{}")
+    (ck / "latest").write_text("step_00000020")
+    assert resolve_ds_checkpoint(tmp_path) == ck / "step_00000020"
+    assert resolve_ds_checkpoint(ck / "step_00000010") == ck / "step_00000010"
+    (ck / "latest").write_text("step_00000030")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        resolve_ds_checkpoint(tmp_path)
