@@ -6,35 +6,44 @@ import contextlib
 import torch
 
 from .ema import EMA_ORDERS, clamp_logit_scales, ema_update
+from .profiling import NULL_TIMER
 
 
-def cosmos_forward_loss(student, teacher, loss_fn, crops, captions: torch.Tensor) -> dict:
+def cosmos_forward_loss(student, teacher, loss_fn, crops, captions: torch.Tensor, timer=NULL_TIMER,
+                        teacher_context=None) -> dict:
     """Student on all crops/captions, teacher (no grad) on the 2 global crops and captions, loss."""
     b = crops[0].shape[0]
-    s = student(crops, captions, batch_size=b)
-    with torch.no_grad():
+    with timer.phase("student_forward"):
+        s = student(crops, captions, batch_size=b)
+    with timer.phase("teacher_forward"), torch.no_grad(), teacher_context or contextlib.nullcontext():
         t = teacher(torch.cat([crops[0], crops[1]]), captions[:2 * b])
-    losses = loss_fn(      # (n·B, D) crop-/caption-major tensors, read as views by the fast paths
-        s_image_features=s["image_features"],
-        s_text_features=s["text_features"],
-        logit_scale=s["logit_scale"],
-        t_image_features=t["image_features"],
-        t_text_features=t["text_features"],
-        distill_logit_scale=s["distill_logit_scale"],
-        s_img_crossmodal_features=s["img_crossmodal_features"],
-        s_txt_crossmodal_features=s["txt_crossmodal_features"],
-        output_dict=True,
-        batch_size=b,
-    )
+    with timer.phase("loss"):
+        losses = _loss(loss_fn, s, t, b)
     losses["loss"] = losses["clip_loss"] + losses["distill_loss"]
     losses["logit_scale"] = s["logit_scale"].detach()               # as used in this step's forward
     losses["distill_logit_scale"] = s["distill_logit_scale"].detach()
     return losses
 
 
+def _loss(loss_fn, s, t, b):
+    dtype = s["image_features"].dtype
+    return loss_fn(      # (n·B, D) crop-/caption-major tensors, read as views by the fast paths
+        s_image_features=s["image_features"],
+        s_text_features=s["text_features"],
+        logit_scale=s["logit_scale"],
+        t_image_features=t["image_features"].to(dtype),
+        t_text_features=t["text_features"].to(dtype),
+        distill_logit_scale=s["distill_logit_scale"],
+        s_img_crossmodal_features=s["img_crossmodal_features"],
+        s_txt_crossmodal_features=s["txt_crossmodal_features"],
+        output_dict=True,
+        batch_size=b,
+    )
+
+
 def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, momentum: float,
                       ema_order: str = "before_step", scaler=None, autocast=None,
-                      grad_clip_norm: float | None = None) -> dict:
+                      grad_clip_norm: float | None = None, timer=NULL_TIMER) -> dict:
     """zero_grad → forward/loss → backward → EMA (official: before the step) → optimizer step →
     clamp both logit scales on both models.
 
@@ -46,15 +55,27 @@ def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, mom
         raise ValueError(f"ema_order must be one of {EMA_ORDERS}, got {ema_order!r}")
     optimizer.zero_grad(set_to_none=True)
     with autocast if autocast is not None else contextlib.nullcontext():
-        losses = cosmos_forward_loss(student, teacher, loss_fn, crops, captions)
+        losses = cosmos_forward_loss(student, teacher, loss_fn, crops, captions, timer)
     out = {k: v.detach() for k, v in losses.items()}
     out["finite"] = bool(torch.isfinite(out["loss"]))
     out["overflow"] = False
     if not out["finite"]:
         return out
-    (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+    with timer.phase("backward"):
+        (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
     if ema_order == "before_step":
-        ema_update(teacher, student, momentum)
+        with timer.phase("ema"):
+            ema_update(teacher, student, momentum)
+    with timer.phase("optimizer"):
+        _optimizer_step(optimizer, student, scaler, grad_clip_norm, out)
+    if ema_order == "after_step":
+        with timer.phase("ema"):
+            ema_update(teacher, student, momentum)
+    clamp_logit_scales(student, teacher)
+    return out
+
+
+def _optimizer_step(optimizer, student, scaler, grad_clip_norm, out):
     if grad_clip_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -66,7 +87,3 @@ def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, mom
         out["overflow"] = scaler.get_scale() < scale_before
     else:
         optimizer.step()
-    if ema_order == "after_step":
-        ema_update(teacher, student, momentum)
-    clamp_logit_scales(student, teacher)
-    return out

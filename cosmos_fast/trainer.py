@@ -34,9 +34,20 @@ from .model.checkpoint import (atomic_torch_save, check_state_dict, save_checkpo
                                strip_prefix, torch_load)
 from .model.cosmos import LOGIT_SCALE_MAX
 from .schedules import WarmupCosineLR
-from .step import cosmos_train_step
+from .profiling import PhaseTimer
+from .step import cosmos_forward_loss, cosmos_train_step
 
 log = logging.getLogger("cosmos_fast.trainer")
+
+
+class _Fp32Inputs:
+    """Calls the fp32 teacher with fp32 images even when the student runs on 16-bit inputs."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def __call__(self, images, captions):
+        return self.teacher(images.float(), captions)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,6 +151,7 @@ class Trainer:
         self._val = None
         self._saved_step = None
         self._stop_requested = False
+        self.timer = PhaseTimer(enabled=False, device=self.device)   # benchmarks/profile_train.py enables it
         self.metrics_path = self.out / "metrics.jsonl"
         if resume is None and cfg.train.auto_resume:
             resume = self._newest_checkpoint()
@@ -209,7 +221,8 @@ class Trainer:
                         else None)
             out = cosmos_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, captions,
                                     momentum=m, ema_order=self.cfg.ema.order, scaler=self.scaler,
-                                    autocast=autocast, grad_clip_norm=self.cfg.optim.grad_clip_norm)
+                                    autocast=autocast, grad_clip_norm=self.cfg.optim.grad_clip_norm,
+                                    timer=self.timer)
         else:
             out = self._engine_step(crops, captions, m)
         out.update(lr=lr, momentum=m)
@@ -233,34 +246,26 @@ class Trainer:
     def _engine_step(self, crops, captions, momentum: float) -> dict:
         """The same step through the DeepSpeed engine (the loss is global on every rank, so a
         non-finite loss is skipped consistently by all ranks)."""
-        b = crops[0].shape[0]
+        timer = self.timer
         if self.amp_dtype is not None:                   # DeepSpeed bf16/fp16 keeps 16-bit weights
-            student_crops = [c.to(self.amp_dtype) for c in crops]
-        else:
-            student_crops = crops
-        s = self.engine(student_crops, captions, batch_size=b)
-        with torch.no_grad(), gathered(self.teacher, self.stage == 3):
-            t = self.teacher(torch.cat([crops[0], crops[1]]), captions[:2 * b])
-        losses = self.loss_fn(
-            s_image_features=s["image_features"], s_text_features=s["text_features"],
-            logit_scale=s["logit_scale"], t_image_features=t["image_features"].to(s["image_features"].dtype),
-            t_text_features=t["text_features"].to(s["text_features"].dtype),
-            distill_logit_scale=s["distill_logit_scale"], s_img_crossmodal_features=s["img_crossmodal_features"],
-            s_txt_crossmodal_features=s["txt_crossmodal_features"], output_dict=True, batch_size=b)
-        loss = losses["clip_loss"] + losses["distill_loss"]
-        out = {"loss": loss.detach(), "clip_loss": losses["clip_loss"].detach(),
-               "distill_loss": losses["distill_loss"].detach(),
-               "logit_scale": s["logit_scale"].detach(), "distill_logit_scale": s["distill_logit_scale"].detach(),
-               "finite": bool(torch.isfinite(loss)), "overflow": False}
+            crops = [c.to(self.amp_dtype) for c in crops]
+        losses = cosmos_forward_loss(self.engine, _Fp32Inputs(self.teacher), self.loss_fn, crops, captions,
+                                     timer, teacher_context=gathered(self.teacher, self.stage == 3))
+        out = {k: v.detach() for k, v in losses.items()}
+        out.update(finite=bool(torch.isfinite(out["loss"])), overflow=False)
         if not out["finite"]:
             return out
-        self.engine.backward(loss)
+        with timer.phase("backward"):
+            self.engine.backward(losses["loss"])
         if self.cfg.ema.order == "before_step":
-            ema_update_zero(self.teacher, self.engine.module, momentum, self.stage)
-        self.engine.step()
+            with timer.phase("ema"):
+                ema_update_zero(self.teacher, self.engine.module, momentum, self.stage)
+        with timer.phase("optimizer"):
+            self.engine.step()
         out["overflow"] = not self.engine.was_step_applied()
         if self.cfg.ema.order == "after_step":
-            ema_update_zero(self.teacher, self.engine.module, momentum, self.stage)
+            with timer.phase("ema"):
+                ema_update_zero(self.teacher, self.engine.module, momentum, self.stage)
         clamp_scales_zero(self.engine, self.teacher, self.stage, LOGIT_SCALE_MAX)
         return out
 
@@ -284,6 +289,7 @@ class Trainer:
                 self.loader.set_epoch(self.epoch)
                 tick = time.perf_counter()
                 for batch in self.loader:
+                    self.timer.add("data_wait", time.perf_counter() - tick)
                     out = self.train_step(batch)
                     if not out["finite"]:
                         continue
