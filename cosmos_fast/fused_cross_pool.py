@@ -33,21 +33,13 @@ def cross_pool_fused(pooler, context: torch.Tensor, queries: torch.Tensor) -> to
     Returns (B, n, D) L2-normalised features in the queries' dtype (or the autocast dtype).
     Needs CUDA tensors, or TRITON_INTERPRET=1 set before the kernel module is first imported.
     """
-    if context.dim() != 3 or queries.dim() != 3:
-        raise ValueError(f"context must be (B, L, D) and queries (B, n, D); got "
-                         f"{tuple(context.shape)} and {tuple(queries.shape)}")
-    if context.shape[0] != queries.shape[0]:
-        raise ValueError(f"context batch {context.shape[0]} != queries batch {queries.shape[0]}")
-    if context.shape[-1] != pooler.d_model or queries.shape[-1] != pooler.d_model:
-        raise ValueError(f"pooler width is {pooler.d_model}; got context width {context.shape[-1]} "
-                         f"and query width {queries.shape[-1]}")
     if not queries.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError(
             f"cross_pool impl='fused' runs Triton kernels and needs CUDA tensors, got {queries.device}; "
             "use impl='shared' (or 'auto') on CPU, or set TRITON_INTERPRET=1 before import to run the "
             "Triton interpreter (slow, for tests)")
     kernel = _kernel_module()
-    # through the pooler's own forward (weights read inside their modules, as ZeRO-3 needs):
-    # LN_k and K/V once per sample, the Triton kernel as the attention core
+    # through the pooler's own forward (which validates the shapes, and reads the weights inside
+    # their modules as ZeRO-3 needs): LN_k and K/V once per sample, the Triton kernel as the core
     pooled = pooler(context, queries, core=kernel.cross_pool_attn)
     return F.normalize(queries + pooled, dim=-1)
