@@ -6,6 +6,9 @@ DeepSpeed's ``zero_to_fp32`` on CPU, in one process, whatever the stage and numb
 single-process checkpoint file, and writes ``{'epoch', 'name', 'student' ('module.' keys),
 'teacher'}`` in fp32, which the official COSMOS code and :func:`cosmos_fast.load_checkpoint` load.
 The weights are checked against a model built from the run's config before anything is written.
+The file also records ``cosmos_fast_position`` (step, epoch): ``--resume`` of an exported file on
+any number of ranks continues the LR/momentum schedules from there, with fresh AdamW moments and
+the interrupted epoch's data order restarted (the way to change the number of ranks mid-run).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def export_checkpoint(source, output, model_name: str | None = None) -> Path:
         student = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name).items()}
         teacher, epoch, name = meta["teacher"], int(meta["epoch"]), meta["name"]
+        position = {"step": int(meta["step"]), "epoch": epoch}
         model_name = model_name or meta["config"]["model"]["name"]
     else:
         if not source.is_file():
@@ -38,6 +42,8 @@ def export_checkpoint(source, output, model_name: str | None = None) -> Path:
         student = select_state_dict(body, "student", source)
         teacher = select_state_dict(body, "teacher", source) if "teacher" in body else student
         epoch, name = int(body.get("epoch", 0)), body.get("name", "cosmos_fast")
+        trainer = body.get("trainer") or {}
+        position = {"step": int(trainer["step"]), "epoch": int(trainer["epoch"])} if "step" in trainer else None
         model_name = model_name or (body.get("config") or {}).get("model", {}).get("name")
         if model_name is None:
             raise ValueError(f"export: {source} does not record its model; pass --model-name")
@@ -49,6 +55,7 @@ def export_checkpoint(source, output, model_name: str | None = None) -> Path:
               for k, v in sd.items()}
         check_state_dict(model, sd, f"{source} ({which})")
         checked[which] = sd
-    path = save_checkpoint(output, checked["student"], checked["teacher"], epoch=epoch, name=name)
+    extra = {"cosmos_fast_position": position} if position else {}
+    path = save_checkpoint(output, checked["student"], checked["teacher"], epoch=epoch, name=name, **extra)
     log.info("exported %s (%s, epoch %d) to %s", source, model_name, epoch, path)
     return path

@@ -530,7 +530,17 @@ class Trainer:
             with gathered(model, self.stage == 3):
                 check_state_dict(model, sd, path)
             load_full_state_dict(model, sd, self.stage)
+        position = body.get("cosmos_fast_position") if isinstance(body, dict) else None
         if self.engine is not None or "trainer" not in body:
+            if position:      # an exported run: continue its schedules (e.g. on another number of ranks)
+                self.step, self.epoch = int(position["step"]), int(position["epoch"])
+                self.loader.load_state_dict({"epoch": self.epoch, "consumed": 0})
+                log.warning("--resume %s: weights and schedule position (step %d, epoch %d); AdamW moments "
+                            "start fresh and epoch %d's data order restarts", path, self.step, self.epoch,
+                            self.epoch + 1)
+                if self.is_main:
+                    self._truncate_metrics()
+                return
             log.warning("--resume %s: loading weights only (no optimizer, schedule, RNG or data position%s): "
                         "starting a new run from these weights", path,
                         "; a single-process file cannot restore DeepSpeed optimizer partitions"

@@ -258,3 +258,32 @@ def test_incomplete_checkpoint_is_ignored_and_retention(tmp_path):
     (ck / "latest").write_text("step_00000030")
     with pytest.raises(FileNotFoundError, match="incomplete"):
         resolve_ds_checkpoint(tmp_path)
+
+
+def _resume_worker(rank, world, port, out, data, source, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    from cosmos_fast.trainer import Trainer
+
+    cfg = cfg_for(data, "distributed.backend=deepspeed", f"data.batch_size={B_GLOBAL // world}",
+                  "distributed.zero_stage=2")
+    try:
+        t = Trainer(cfg, out, resume=source)
+        torch.save({"step": t.step, "epoch": t.epoch}, result)
+    except ValueError as e:
+        torch.save({"error": str(e)}, result)
+
+
+def test_other_number_of_ranks_goes_through_export(data, tmp_path):
+    """A 2-rank DeepSpeed checkpoint is refused by 1 rank with a pointer to export; the exported
+    file then resumes weights and schedule position on 1 rank."""
+    from cosmos_fast.export import export_checkpoint
+
+    run_ranks(tmp_path / "two", data, ["distributed.zero_stage=2"], 0, 2)
+    mp.spawn(_resume_worker, args=(1, free_port(), str(tmp_path / "one"), data, str(tmp_path / "two"),
+                                   str(tmp_path / "r1.pt")), nprocs=1, join=True)
+    assert "written by 2 ranks" in torch.load(tmp_path / "r1.pt", weights_only=True)["error"]
+    exported = export_checkpoint(tmp_path / "two", tmp_path / "two.pt")
+    mp.spawn(_resume_worker, args=(1, free_port(), str(tmp_path / "one"), data, str(exported),
+                                   str(tmp_path / "r2.pt")), nprocs=1, join=True)
+    assert torch.load(tmp_path / "r2.pt", weights_only=True) == {"step": 2, "epoch": 0}
