@@ -4,6 +4,7 @@
     cosmos-fast train --config PRESET_OR_YAML --output-dir DIR [--resume DIR_OR_FILE] [key=value ...]
     cosmos-fast eval --checkpoint PATH [--model student|teacher|both] --retrieval-root DIR --imagenet-val DIR
     cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE    (the official single-file format)
+    cosmos-fast make-shards --source dreamlip|pixelprose ... --output-dir DIR   (webdataset + DALI index)
     cosmos-fast make-demo-data --output-dir DIR [--n-train N] [--n-val N] [--seed S]
 
 Without a command, ``demo`` runs.
@@ -73,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True)
     e.add_argument("--model-name", default=None, help="model config name when the checkpoint lacks it")
     e.set_defaults(func=cmd_export)
+    from .data.shards import add_make_shards_parser
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    add_make_shards_parser(sub)
     m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards")
     m.add_argument("--output-dir", default="runs/demo/data")
     m.add_argument("--n-train", type=int, default=2048)
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
     logging.getLogger("cosmos_fast").setLevel(logging.INFO)   # third-party INFO chatter stays quiet
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("demo", "train", "eval", "export", "make-demo-data", "-h", "--help"):
+    if not argv or argv[0] not in ("demo", "train", "eval", "export", "make-shards", "make-demo-data", "-h", "--help"):
         argv = ["demo", *argv]
     args = parser.parse_args(argv)
     return args.func(args)

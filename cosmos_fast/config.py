@@ -35,7 +35,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    backend: str = _f("torchvision", "image pipeline: torchvision (CPU workers)")
+    backend: str = _f("torchvision", "image pipeline: torchvision (CPU workers), dali (NVIDIA DALI: GPU decode + "
+                      "augmentation on CUDA, CPU backend otherwise) or auto (dali with CUDA, else torchvision)")
     train_shards: str = _f("", "webdataset shards: brace pattern(s), '::' joins sources")
     val_shards: str = _f("", "held-out retrieval shards (json field retrieval_captions); empty = none")
     train_num_samples: int = _f(0, "samples per epoch (official --train-num-samples)")
@@ -254,7 +255,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.name: {err}") from None
     _choice("model.attention", cfg.model.attention, ("auto", "sdpa", "math", "flash", "xformers"))
-    _choice("data.backend", d.backend, ("torchvision",))
+    _choice("data.backend", d.backend, ("torchvision", "dali", "auto"))
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
     _choice("ema.schedule", e.schedule, ("fixed", "cosine"))

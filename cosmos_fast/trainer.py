@@ -23,7 +23,7 @@ import torch
 
 from .config import Config, save_config, validate
 from .data.captions import Tokenizer
-from .data.loader import StreamSpec, WebDatasetLoader, expand_shards, steps_per_epoch
+from .data.loader import StreamSpec, expand_shards, steps_per_epoch
 from .ema import MomentumSchedule, build_teacher
 from .loss import CosmosLoss
 from .model import create_model, set_attention_backend
@@ -172,7 +172,7 @@ class Trainer:
             return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         return torch.device(name)
 
-    def _build_loader(self) -> WebDatasetLoader:
+    def _build_loader(self):
         d, m = self.cfg.data, self.student.cfg
         spec = StreamSpec(
             shards=expand_shards(d.train_shards), batch_size=d.batch_size, seed=self.cfg.train.seed,
@@ -183,7 +183,10 @@ class Trainer:
             global_size=d.global_size or m.vision_cfg.image_size, local_size=d.local_size,
             n_local=d.local_crops, crop_scale=d.crop_scale, tokenizer_name="ViT-B-16",
             context_length=m.text_cfg.context_length)
-        return WebDatasetLoader(spec)
+        from .data.backends import build_loader, resolve_backend
+
+        backend = resolve_backend(d.backend)
+        return build_loader(spec, backend, **({"device": self.device} if backend == "dali" else {}))
 
     def _tensorboard(self):
         try:

@@ -235,3 +235,13 @@ def test_zero_shot_eval_inside_training(data, tmp_path):
         assert res["n_images"] == 6 and 0.0 <= res["top1"] <= res["top5"] == 1.0   # 3 classes: top-5 is all
     with pytest.raises(ConfigError, match="eval.imagenet_val"):
         validate(small_cfg(data, "eval.imagenet_val=/nonexistent"), cuda=False)
+
+
+def test_dali_backend_in_the_trainer(data, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    t = Trainer(small_cfg(data, "data.backend=dali", "train.max_steps=2", "data.num_workers=1"), tmp_path)
+    assert type(t.loader).__name__ == "DaliWebDatasetLoader"
+    t.train()
+    t.close()
+    r = rows(tmp_path / "metrics.jsonl")
+    assert [x["step"] for x in r] == [1, 2] and all(x["loss"] > 0 for x in r)

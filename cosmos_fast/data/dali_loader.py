@@ -10,19 +10,24 @@ index files (:mod:`.shards`) with a shuffle buffer of ``shuffle_buffer`` samples
 once (``device="mixed"`` on CUDA, CPU otherwise; EXIF orientation ignored, as PIL does) and cut into
 the crops of cosmos_method.md §4.4, every random choice drawn per crop:
 
-| step (torchvision / PIL) | DALI | agreement with PIL |
-|---|---|---|
-| RandomResizedCrop: area U[s,1]·HW (local U[.05,s]), ratio log-U[3/4,4/3], 10 tries, fallback | ``fn.random_crop_generator`` (same rule) → ``fn.resize`` of the window, cubic, antialias | same sampling; resampling filters differ slightly |
-| horizontal flip p .5 | ``mirror`` of ``fn.crop_mirror_normalize`` (flip commutes with every later op) | exact |
-| ColorJitter(.4,.4,.2,.1) p .8, ops in random order | ``if coin(.8)``; 4 slots, each applies the op a random permutation (1 of 24) puts there | exact order semantics |
-| · brightness b~U[.6,1.4]: blend with black | ``fn.brightness_contrast(brightness=b)``, truncating | exact |
-| · contrast c~U[.6,1.4]: blend with mean gray | CPU: ``fn.brightness_contrast`` about round(mean luma); GPU: same in arithmetic | ≤ 1 level |
-| · saturation s~U[.8,1.2]: blend with gray | ``fn.hsv(saturation=s)`` (luma kept, chroma × s: the same linear map) | ≤ 1 level (rounding) |
-| · hue h~U[−.1,.1]: shift H of HSV by int8(255h)/256 turn | ``hue_mode="exact"``: the HSV shift in elementwise arithmetic; ``"linear"``: ``fn.hsv`` rotation | exact: PIL's 8-bit HSV rounding only; linear: approximate |
-| grayscale p .2: L = .299R+.587G+.114B on 3 channels | ``fn.color_space_conversion`` to GRAY, 3× ``fn.cat`` | ≤ 1 level |
-| Gaussian blur p 1 / .1 / .5, PIL radius r~U[.1,2] | ``fn.gaussian_blur(sigma=r)``: PIL's radius *is* the standard deviation | same σ; PIL approximates the Gaussian by 3 box passes, clamps borders (DALI mirrors) |
-| solarize p .2 (global 2 only), threshold 128 | arithmetic: x ≥ 128 → 255 − x | exact |
-| ToTensor + Normalize (OpenAI mean/std) | ``fn.crop_mirror_normalize`` (mean·255, std·255, CHW, float32) | exact |
+* RandomResizedCrop (area U[s,1]·HW, local U[.05,s]; ratio log-U[3/4,4/3]; 10 tries, then the fallback):
+  ``fn.random_crop_generator`` (the same rule) → ``fn.resize`` of that window, cubic, antialiased.
+  Same sampling; the resampling filters differ slightly from PIL's bicubic.
+* Horizontal flip p .5: ``mirror`` of ``fn.crop_mirror_normalize`` (a flip commutes with every later op).
+* ColorJitter(.4, .4, .2, .1) p .8 in torchvision's random order: ``if coin(.8)``, then 4 slots; slot k
+  applies the op that a random permutation (1 of 24) puts at k. Per op, against PIL:
+  brightness b~U[.6,1.4] ``fn.brightness_contrast`` truncating like PIL (exact); contrast c~U[.6,1.4]
+  blend with the rounded mean luma, ``fn.brightness_contrast`` on CPU, arithmetic on GPU (≤ 1 level);
+  saturation s~U[.8,1.2] ``fn.hsv(saturation=s)``, the same linear map as PIL's blend with gray (≤ 1
+  level, rounding); hue h~U[−.1,.1] shifts H of HSV by int8(255h)/256 of a turn as torchvision does:
+  ``hue_mode="exact"`` computes that shift in elementwise arithmetic (PIL's 8-bit HSV rounding is the
+  only difference), ``"linear"`` uses ``fn.hsv`` (a rotation about the gray axis: approximate, cheaper).
+* Grayscale p .2: ``fn.color_space_conversion`` to GRAY (.299/.587/.114), 3 channels (≤ 1 level).
+* Gaussian blur p 1 / .1 / .5 (global 1 / global 2 / local), PIL radius r~U[.1,2]: ``fn.gaussian_blur
+  (sigma=r)``; PIL's radius *is* the standard deviation. PIL approximates the Gaussian with 3 box
+  passes and clamps at borders, DALI convolves with the Gaussian truncated at 3σ and mirrors.
+* Solarize p .2 on global 2 only, threshold 128: arithmetic, x ≥ 128 → 255 − x (exact).
+* ToTensor + Normalize (OpenAI mean/std): ``fn.crop_mirror_normalize``, mean·255 and std·255, CHW float32.
 
 Gates are ``fn.random.coin_flip`` predicates of DALI conditionals (``enable_conditionals``), so an op
 runs only on the crops it applies to; blur is ``rand <= p`` in PIL and a coin of probability p here
@@ -67,6 +72,11 @@ Remote shards (``pipe:``, ``http(s)://``, ``s3://`` → ``pipe:aws s3 cp URL -``
 webdataset's ``gopen`` knows) are copied into ``cache_dir`` with ``retries`` attempts, checked for
 completeness and indexed there; a shard that cannot be fetched is counted as ``bad_shard`` and skipped.
 
+Speed. On DALI's CPU backend the per-pixel kernels (resize, blur, colour) are no faster than PIL's, so
+on 2 CPU threads this backend runs at about the torchvision backend's rate with ``hue_mode="linear"``
+and at ~0.6× with the exact hue (benchmarks/bench_data.py); its point is the CUDA path, where decoding
+and every op run on the GPU and the batch is already on the device.
+
 Tested on the DALI 2.4 CPU backend; the CUDA path (mixed decode, GPU ops) is the same graph but has
 not been run on a GPU.
 """
@@ -101,11 +111,9 @@ _LOG_PER_REASON = 10
 
 
 def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -217,35 +225,41 @@ def _hue(img, turns, gpu: bool):
     return fn.cast(dmath.floor(out + 0.5), dtype=types.UINT8)
 
 
-def _color_jitter(img, gpu: bool, hue_mode: str = "exact"):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) with torchvision's random order of the four ops.
+def _jitter_params():
+    """torchvision ColorJitter.get_params: factors b, c, s ~ U, hue ~ U[-0.1, 0.1], a random order."""
+    from nvidia.dali import fn, types
+
+    return {"brightness": fn.random.uniform(range=[0.6, 1.4]), "contrast": fn.random.uniform(range=[0.6, 1.4]),
+            "saturation": fn.random.uniform(range=[0.8, 1.2]), "hue": fn.random.uniform(range=[-0.1, 0.1]),
+            "order": fn.cast(fn.random.uniform(values=[float(i) for i in range(len(_JITTER_ORDERS))]),
+                             dtype=types.INT32)}
+
+
+def _color_jitter(img, params: dict, gpu: bool, hue_mode: str = "exact"):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with torchvision's random order of the four ops: slot k applies
+    op ``_JITTER_ORDERS[order][k]`` (0 brightness, 1 contrast, 2 saturation, 3 hue).
 
     ``hue_mode="exact"`` shifts H in HSV as PIL does (~60 elementwise ops); ``"linear"`` uses
     ``fn.hsv`` (one op: a rotation about the gray axis, which only approximates the HSV shift)."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
-    bright = fn.random.uniform(range=[0.6, 1.4])
-    contrast = fn.random.uniform(range=[0.6, 1.4])
-    sat = fn.random.uniform(range=[0.8, 1.2])
-    hue = fn.random.uniform(range=[-0.1, 0.1])
     # torchvision adds int8(hue · 255) to PIL's 8-bit H channel (256 steps per turn)
-    steps = hue * 255.0
+    steps = params["hue"] * 255.0
     turns = dmath.floor(dmath.abs(steps)) * ((steps >= 0) * 2 - 1) / 256.0
-    order = fn.cast(fn.random.uniform(values=[float(i) for i in range(len(_JITTER_ORDERS))]), dtype=types.INT32)
 
     def hue_op(x):
         return _hue(x, turns, gpu) if hue_mode == "exact" else fn.hsv(x, hue=turns * 360.0)
 
     for slot in range(4):
-        op = fn.lookup_table(order, keys=list(range(len(_JITTER_ORDERS))),
+        op = fn.lookup_table(params["order"], keys=list(range(len(_JITTER_ORDERS))),
                              values=[float(o[slot]) for o in _JITTER_ORDERS], dtype=types.INT32)
         if op == 0:
-            img = _brightness(img, bright)
+            img = _brightness(img, params["brightness"])
         elif op == 1:
-            img = _contrast(img, contrast, gpu)
+            img = _contrast(img, params["contrast"], gpu)
         elif op == 2:
-            img = _saturation(img, sat)
+            img = _saturation(img, params["saturation"])
         else:
             img = hue_op(img)
     return img
@@ -260,7 +274,8 @@ def _solarize(img):
 
 
 # per-crop random parameters returned by ``build_pipeline(debug=True)``, in this order
-DEBUG_FIELDS = ("y0", "x0", "h", "w", "img_h", "img_w", "flip", "jitter", "gray", "blur", "sigma", "solarize")
+DEBUG_FIELDS = ("y0", "x0", "h", "w", "img_h", "img_w", "flip", "jitter", "gray", "blur", "sigma", "solarize",
+                "brightness", "contrast", "saturation", "hue", "order")
 
 
 def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: float, gpu: bool,
@@ -279,8 +294,9 @@ def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: 
     solar = _coin(solarize_p) if solarize_p > 0 else None
     flip = fn.random.coin_flip(probability=0.5)
     sigma = fn.random.uniform(range=[0.1, 2.0])            # PIL GaussianBlur radius = standard deviation
+    jitter_params = _jitter_params()
     if jitter:
-        img = _color_jitter(img, gpu, hue_mode)
+        img = _color_jitter(img, jitter_params, gpu, hue_mode)
     if gray:
         img = _grayscale(img)
     if blur is None:
@@ -300,7 +316,8 @@ def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: 
 
     always, never = flip * 0 + 1, flip * 0               # per-sample constants for ops without a coin
     params = fn.cat(vec(anchor), vec(extent), vec(shape[0:2]), vec(flip), vec(jitter), vec(gray),
-                    vec(always if blur is None else blur), vec(sigma), vec(never if solar is None else solar))
+                    vec(always if blur is None else blur), vec(sigma), vec(never if solar is None else solar),
+                    *[vec(jitter_params[k]) for k in ("brightness", "contrast", "saturation", "hue", "order")])
     return out, params
 
 
@@ -355,7 +372,8 @@ _WORKER_TOKENIZER = {}
 
 
 def _caption_job(payload):
-    """(json bytes per sample, seeds, spec fields) → (tokens (n,K,L) int64 or None per sample, reasons)."""
+    """(json bytes and seed per sample, spec fields) → (tokens (n_valid, K, L) int64 of the samples whose
+    record could be sampled, or None; per sample None or (reason, message))."""
     metas, seeds, mode, num_captions, string_fields, tok_name, ctx = payload
     key = (tok_name, ctx)
     if key not in _WORKER_TOKENIZER:
@@ -422,6 +440,8 @@ class DaliWebDatasetLoader:
                              f"(or set data.resampled=true)")
         if spec.n_local < 0 or spec.num_captions < 2:
             raise ValueError("need n_local >= 0 and num_captions >= 2")
+        if not 0.05 < spec.crop_scale < 1.0:
+            raise ValueError(f"data.crop_scale must lie in (0.05, 1), got {spec.crop_scale}")
         self.spec = spec
         self.device = resolve_device(device)
         self.num_threads = num_threads or max(1, spec.num_workers)
@@ -433,7 +453,6 @@ class DaliWebDatasetLoader:
             raise ValueError(f"hue_mode must be one of {HUE_MODES}, got {hue_mode!r}")
         self.hue_mode = hue_mode
         self._pool = None
-        self._tokenizer = None
         self.epoch = 0
         self.consumed = 0
         self._epoch_skips = Counter()
@@ -520,9 +539,9 @@ class DaliWebDatasetLoader:
 
     def _graph_signature(self) -> str:
         s = self.spec
-        return (f"v1 {self.device.type} hue-{self.hue_mode} B{s.batch_size} g{s.global_size} l{s.local_size}x{s.n_local} "
-                f"s{s.crop_scale} buf{s.shuffle_buffer} world{s.world} rank{s.rank} seed{s.seed} "
-                f"res{int(s.resampled)} n{len(s.shards)}")
+        return (f"v1 {self.device.type} hue-{self.hue_mode} B{s.batch_size} g{s.global_size} "
+                f"l{s.local_size}x{s.n_local} s{s.crop_scale} buf{s.shuffle_buffer} world{s.world} "
+                f"rank{s.rank} seed{s.seed} res{int(s.resampled)} n{len(s.shards)}")
 
     def _skip(self, reason: str, n: int = 1, where: str = "", detail: str = "", count: bool = True):
         if not count:

@@ -1,0 +1,509 @@
+"""The DALI backend on DALI's CPU backend: batch layout and normalisation equal to the torchvision
+backend, every §4.4 op against PIL, crop parameters and pixels against torchvision in distribution
+(two-sample tests, fixed seeds), skip-and-count of bad data, exact resume."""
+import io
+import json
+import logging
+import tarfile
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+pytest.importorskip("nvidia.dali")
+
+from nvidia.dali import fn, pipeline_def  # noqa: E402
+
+from cosmos_fast.data import dali_loader as dl  # noqa: E402
+from cosmos_fast.data import transforms as mt  # noqa: E402
+from cosmos_fast.data.backends import build_loader  # noqa: E402
+from cosmos_fast.data.captions import Tokenizer  # noqa: E402
+from cosmos_fast.data.loader import WebDatasetLoader  # noqa: E402
+from cosmos_fast.data.shards import index_path, write_index  # noqa: E402
+from cosmos_fast.data.synthetic import make_scene  # noqa: E402
+from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD, MultiCropTransform, seeded  # noqa: E402
+from tests.test_loader import spec, write_shards  # noqa: E402
+
+DaliLoader = dl.DaliWebDatasetLoader
+
+
+def dali(sp, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("num_threads", 2)
+    return DaliLoader(sp, **kw)
+
+
+def ks(a, b) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return float(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max())
+
+
+def ks_limit(n, m, c=1.95):           # c(α = 0.001)
+    return c * ((n + m) / (n * m)) ** 0.5
+
+
+def z_two(k1, n1, k2, n2) -> float:
+    p = (k1 + k2) / (n1 + n2)
+    if p in (0.0, 1.0):
+        return 0.0 if k1 / n1 == k2 / n2 else float("inf")
+    return abs(k1 / n1 - k2 / n2) / (p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("dali_shards"), 4, 10)
+
+
+# ------------------------------------------------------------------------ layout, dtype, normalisation
+def test_batch_layout_matches_torchvision(shards):
+    sp = spec(shards, steps_per_epoch=2)
+    ref = next(iter(WebDatasetLoader(sp)))
+    loader = build_loader(sp, "dali", device="cpu", num_threads=2)
+    assert isinstance(loader, DaliLoader)
+    batches = list(loader)
+    assert len(batches) == 2 == loader.consumed
+    batch = batches[0]
+    assert [tuple(c.shape) for c in batch["crops"]] == [tuple(c.shape) for c in ref["crops"]] \
+        == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 6
+    assert all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() for c in batch["crops"])
+    assert batch["captions"].shape == ref["captions"].shape == (32, 77)
+    assert batch["captions"].dtype == ref["captions"].dtype == torch.int64
+    assert set(batch) == set(ref) - {"worker"} and batch["skipped"] == {}
+    tok = Tokenizer()._tok
+    items = [int(k[1:]) for k in batch["keys"]]
+    for k in range(8):
+        for b in range(4):
+            text = tok.decode(batch["captions"][k * 4 + b].tolist()).replace(" ", "")
+            assert f"item{items[b]}sentence" in text, (k, b, text)     # row k·B + b: caption k of sample b
+            if k >= 2:
+                assert text.count("item") == 1
+    # normalised like ToTensor + Normalize: values of a [0, 255] image, OpenAI mean / std
+    lo = (0 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+    hi = (1 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+    for c in batch["crops"]:
+        per_channel = c.transpose(0, 1).reshape(3, -1)
+        assert (per_channel.min(1).values >= torch.tensor(lo) - 1e-5).all()
+        assert (per_channel.max(1).values <= torch.tensor(hi) + 1e-5).all()
+
+
+def test_black_images_normalise_exactly(tmp_path):
+    """Every §4.4 op maps black to black, so each crop is exactly −mean/std per channel."""
+    path = tmp_path / "black.tar"
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, format="PNG")
+    rec = json.dumps({"raw_caption": ["a black picture"], **{f: [] for f in
+                      ("shortIB_captions", "shortSV_captions", "shortLLA_captions", "longIB_captions",
+                       "longSV_captions", "longLLA_captions")}}).encode()
+    with tarfile.open(path, "w") as tf:
+        for i in range(8):
+            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.json", rec)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    batch = next(iter(dali(spec([str(path)], steps_per_epoch=1, n_local=2))))
+    ref = next(iter(WebDatasetLoader(spec([str(path)], steps_per_epoch=1, n_local=2))))
+    want = torch.tensor([-m / s for m, s in zip(OPENAI_MEAN, OPENAI_STD)]).view(1, 3, 1, 1)
+    for c, r in zip(batch["crops"], ref["crops"]):
+        torch.testing.assert_close(c, want.expand_as(c), rtol=0, atol=1e-5)
+        torch.testing.assert_close(c, r, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ each op against PIL
+def _run_ops(images, factor, turns):
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=0)
+    def ops():
+        x = fn.external_source(source=lambda: images, layout="HWC", batch=True)
+        f = fn.external_source(source=lambda: [np.float32(factor)] * len(images), batch=True)
+        t = fn.external_source(source=lambda: [np.float32(turns)] * len(images), batch=True)
+        return (dl._brightness(x, f), dl._contrast(x, f, False), dl._saturation(x, f), dl._grayscale(x),
+                dl._hue(x, t, False), dl._solarize(x), fn.gaussian_blur(x, sigma=f))
+    pipe = ops()
+    pipe.build()
+    return [[np.asarray(out[i]).astype(int) for i in range(len(images))] for out in pipe.run()]
+
+
+@pytest.mark.parametrize("factor,hue", [(1.3, 0.1), (0.7, -0.07)], ids=["up", "down"])
+def test_ops_match_pil(factor, hue):
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((40, 30),
+                                                                                                 Image.BICUBIC))
+    scene = np.asarray(make_scene(rng, 48)[0])
+    images = [smooth, scene]
+    steps = int(np.int8(hue * 255))                       # torchvision: int8(hue · 255) of a 256-step turn
+    outs = _run_ops(images, factor, steps / 256)
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img)
+        refs = {"brightness": ImageEnhance.Brightness(pil).enhance(factor),
+                "contrast": ImageEnhance.Contrast(pil).enhance(factor),
+                "saturation": ImageEnhance.Color(pil).enhance(factor),
+                "grayscale": TF.rgb_to_grayscale(pil, 3), "hue": TF.adjust_hue(pil, hue),
+                "solarize": ImageOps.solarize(pil, 128),
+                "blur": pil.filter(ImageFilter.GaussianBlur(factor))}
+        for (name, ref), out in zip(refs.items(), outs):
+            diff = np.abs(out[i] - np.asarray(ref).astype(int))
+            print(name, i, "max", diff.max(), "mean", diff.mean())
+            # exact up to rounding (saturation rounds where PIL truncates); hue up to PIL's 8-bit HSV;
+            # blur: PIL's 3-box approximation of a Gaussian
+            max_diff, mean_diff = {"saturation": (1, 0.75), "hue": (16, 1.5), "blur": (12, 1.5)}.get(name, (1, 0.1))
+            assert diff.max() <= max_diff and diff.mean() <= mean_diff, name
+
+
+def test_color_jitter_order_matches_pil():
+    """With given factors, each of several orders equals torchvision's ops applied in that order."""
+    rng = np.random.default_rng(2)
+    images = [np.asarray(make_scene(rng, 40)[0]) for _ in range(2)]
+    orders = [0, 7, 16, 23]
+    b, c, sat, hue = 1.4, 0.6, 1.2, 0.08
+    n = len(images) * len(orders)
+    batch = [images[i % len(images)] for i in range(n)]
+    order_of = [orders[i // len(images)] for i in range(n)]
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=0, enable_conditionals=True)
+    def jitter():
+        x = fn.external_source(source=lambda: batch, layout="HWC", batch=True)
+
+        def const(v, dtype=np.float32):
+            return fn.external_source(source=lambda: [np.array(v, dtype=dtype)] * n, batch=True)
+        params = {"brightness": const(b), "contrast": const(c), "saturation": const(sat), "hue": const(hue),
+                  "order": fn.external_source(source=lambda: [np.array(o, np.int32) for o in order_of], batch=True)}
+        return dl._color_jitter(x, params, False, "exact")
+    pipe = jitter()
+    pipe.build()
+    out = pipe.run()[0]
+    ops = (lambda im: TF.adjust_brightness(im, b), lambda im: TF.adjust_contrast(im, c),
+           lambda im: TF.adjust_saturation(im, sat), lambda im: TF.adjust_hue(im, hue))
+    refs = []
+    for i in range(n):
+        im = Image.fromarray(batch[i])
+        for op in dl._JITTER_ORDERS[order_of[i]]:
+            im = ops[op](im)
+        refs.append(np.asarray(im).astype(int))
+        diff = np.abs(np.asarray(out[i]).astype(int) - refs[-1])
+        print(order_of[i], "max", diff.max(), "mean", diff.mean())
+        assert diff.max() <= 12 and diff.mean() <= 1.5, order_of[i]
+    # the orders give visibly different images, so a wrong order would fail above
+    assert np.abs(refs[0] - refs[-1]).mean() > 3
+
+
+# ------------------------------------------------------------------------ distributions vs torchvision
+N_IMAGES = 160
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """160 synthetic photos 72×48 (non-square, so the crop aspect limits matter), in one shard."""
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("scenes") / "scenes.tar"
+    images = []
+    with tarfile.open(path, "w") as tf:
+        for i in range(N_IMAGES):
+            img, rec = make_scene(rng, 72)
+            img = img.resize((72, 48), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            images.append(img)
+            for name, data in ((f"p{i:04d}.png", buf.getvalue()), (f"p{i:04d}.json", json.dumps(rec).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    write_index(path)
+    return str(path), images
+
+
+KINDS = ("global1", "global2", "local")
+
+
+@pytest.fixture(scope="module")
+def dali_params(scenes):
+    """DALI crops and their random parameters (build_pipeline(debug=True)), per crop kind."""
+    path, _ = scenes
+    pipe = dl.build_pipeline([path], [str(index_path(path))], 40, global_size=32, local_size=16, crop_scale=0.4,
+                             n_local=6, shuffle_buffer=1, seed=3, reader_seed=4, num_threads=2, debug=True)
+    params, pixels = defaultdict(list), defaultdict(list)
+    for _ in range(N_IMAGES // 40):
+        out = pipe.run()
+        crops, debug = out[:8], out[9:]
+        for j in range(8):
+            kind = KINDS[min(j, 2)]
+            params[kind].append(np.asarray(debug[j].as_tensor()))
+            pixels[kind].append(np.asarray(crops[j].as_tensor()))
+    return ({k: dict(zip(dl.DEBUG_FIELDS, np.concatenate(v).T)) for k, v in params.items()},
+            {k: np.concatenate(v) for k, v in pixels.items()})
+
+
+@pytest.fixture(scope="module")
+def torchvision_params(scenes):
+    """The same quantities from MultiCropTransform, by spying on the functions it calls."""
+    _, images = scenes
+    counts, area, ratio, radii, pixels = defaultdict(Counter), defaultdict(list), defaultdict(list), \
+        defaultdict(list), defaultdict(list)
+    factors = defaultdict(lambda: defaultdict(list))          # kind → op → factors; "first" → first op
+    current = {}
+    tf = MultiCropTransform(32, 16, crop_scale=0.4)
+    for name in KINDS:
+        comp = getattr(tf, name)
+
+        def wrapped(img, comp=comp, name=name):
+            current["kind"] = name
+            counts[name]["crops"] += 1
+            out = comp(img)
+            pixels[name].append(out.numpy())
+            return out
+        setattr(tf, name, wrapped)
+    orig = {f: getattr(TF, f) for f in ("hflip", "adjust_brightness", "adjust_contrast", "adjust_saturation",
+                                        "adjust_hue", "rgb_to_grayscale", "solarize")}
+    orig_params, orig_blur = T.RandomResizedCrop.get_params, mt.ImageFilter.GaussianBlur
+
+    def spy(fname):
+        def f(*a, **k):
+            counts[current["kind"]][fname] += 1
+            if fname.startswith("adjust_"):
+                op = fname[len("adjust_"):]
+                factors[current["kind"]][op].append(a[1])
+                crop = (current["kind"], counts[current["kind"]]["crops"])
+                if current.get("crop") != crop:                                   # first jitter op of this crop
+                    current["crop"] = crop
+                    factors[current["kind"]]["first"].append(op)
+            return orig[fname](*a, **k)
+        return f
+
+    def params(img, scale, r):
+        i, j, h, w = orig_params(img, scale, r)
+        area[current["kind"]].append(h * w / (img.size[0] * img.size[1]))
+        ratio[current["kind"]].append(w / h)
+        return i, j, h, w
+
+    def blur(radius):
+        counts[current["kind"]]["blur"] += 1
+        radii[current["kind"]].append(radius)
+        return orig_blur(radius=radius)
+
+    mp = pytest.MonkeyPatch()
+    for fname in orig:
+        mp.setattr(TF, fname, spy(fname))
+    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
+    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
+    try:
+        with seeded(0):
+            for img in images:
+                tf(img)
+    finally:
+        mp.undo()
+    return counts, area, ratio, radii, {k: np.stack(v) for k, v in pixels.items()}, factors
+
+
+@pytest.mark.parametrize("kind,blur_p,solarize_p", [("global1", 1.0, 0.0), ("global2", 0.1, 0.2),
+                                                    ("local", 0.5, 0.0)])
+def test_random_op_rates_match_torchvision(dali_params, torchvision_params, kind, blur_p, solarize_p):
+    p = dali_params[0][kind]
+    counts = torchvision_params[0][kind]
+    n = len(p["flip"])
+    assert n == counts["crops"] == N_IMAGES * (6 if kind == "local" else 1)
+    for field, tv_name, nominal in (("flip", "hflip", 0.5), ("jitter", "adjust_brightness", 0.8),
+                                    ("gray", "rgb_to_grayscale", 0.2), ("blur", "blur", blur_p),
+                                    ("solarize", "solarize", solarize_p)):
+        k = int(p[field].sum())
+        print(kind, field, "dali", k / n, "torchvision", counts[tv_name] / n, "nominal", nominal)
+        assert z_two(k, n, counts[tv_name], n) < 4, field
+        assert abs(k / n - nominal) <= 4 * (nominal * (1 - nominal) / n) ** 0.5 + 1e-9, field
+    sig = p["sigma"]
+    assert sig.min() >= 0.1 and sig.max() <= 2.0
+    assert ks(sig, torchvision_params[3][kind] or [0.1, 2.0]) < ks_limit(n, max(1, len(torchvision_params[3][kind])))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_color_jitter_params_match_torchvision(dali_params, torchvision_params, kind):
+    """Factor laws of ColorJitter(.4, .4, .2, .1) and its random order (uniform over the 24 orders)."""
+    p = dali_params[0][kind]
+    tv = torchvision_params[5][kind]
+    on = p["jitter"] == 1
+    for op in ("brightness", "contrast", "saturation", "hue"):
+        dist, limit = ks(p[op][on], tv[op]), ks_limit(int(on.sum()), len(tv[op]))
+        print(kind, op, "KS", dist, "limit", limit)
+        assert dist < limit, op
+    assert p["brightness"].min() >= 0.6 and p["brightness"].max() <= 1.4
+    assert p["saturation"].min() >= 0.8 and p["saturation"].max() <= 1.2 and np.abs(p["hue"]).max() <= 0.1
+    order = p["order"].astype(int)
+    freq = np.bincount(order, minlength=24)
+    assert order.min() >= 0 and order.max() <= 23
+    chi2 = ((freq - len(order) / 24) ** 2 / (len(order) / 24)).sum()
+    assert chi2 < 60, chi2                                          # 23 dof: P(chi2 > 60) < 1e-4
+    names = ("brightness", "contrast", "saturation", "hue")
+    first = Counter(names[dl._JITTER_ORDERS[o][0]] for o in order[on])
+    tv_first = Counter(tv["first"])
+    for op in names:                                                # the op applied first: 1/4 each
+        assert z_two(first[op], int(on.sum()), tv_first[op], len(tv["first"])) < 4, op
+
+
+@pytest.mark.parametrize("kind,lo,hi", [("global1", 0.4, 1.0), ("global2", 0.4, 1.0), ("local", 0.05, 0.4)])
+def test_crop_windows_match_torchvision(dali_params, torchvision_params, kind, lo, hi):
+    p = dali_params[0][kind]
+    area = p["h"] * p["w"] / (p["img_h"] * p["img_w"])
+    ratio = p["w"] / p["h"]
+    assert (p["y0"] >= 0).all() and (p["x0"] >= 0).all()
+    assert (p["y0"] + p["h"] <= p["img_h"]).all() and (p["x0"] + p["w"] <= p["img_w"]).all()
+    assert area.min() >= lo * 0.9 and area.max() <= hi * 1.05
+    tv_area, tv_ratio = torchvision_params[1][kind], torchvision_params[2][kind]
+    d_area, d_ratio = ks(area, tv_area), ks(np.log(ratio), np.log(tv_ratio))
+    limit = ks_limit(len(area), len(tv_area))
+    print(kind, "KS area", d_area, "KS log-ratio", d_ratio, "limit", limit)
+    assert d_area < limit and d_ratio < limit
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crop_pixels_match_torchvision(dali_params, torchvision_params, kind):
+    """Per-crop mean and contrast of the normalised crops agree in distribution."""
+    d, t = dali_params[1][kind], torchvision_params[4][kind]
+    assert d.shape[1:] == t.shape[1:]
+    for stat in ("mean", "std"):
+        a, b = getattr(d, stat)(axis=(1, 2, 3)), getattr(t, stat)(axis=(1, 2, 3))
+        dist, limit = ks(a, b), ks_limit(len(a), len(b))
+        print(kind, stat, "dali", a.mean(), "torchvision", b.mean(), "KS", dist, "limit", limit)
+        assert dist < limit, stat
+    for c in range(3):                                          # channel means: colour ops agree too
+        dist = ks(d[:, c].mean(axis=(1, 2)), t[:, c].mean(axis=(1, 2)))
+        assert dist < ks_limit(len(d), len(t)), c
+
+
+# ------------------------------------------------------------------------ bad data
+def test_index_time_skips_counted_not_fatal(tmp_path, caplog):
+    kinds = {3: "corrupt_image", 5: "missing_json", 7: "missing_image", 13: "bad_json", 20: "empty_caption_pool"}
+    urls = write_shards(tmp_path, 2, 12, bad=kinds)
+    loader = dali(spec(urls, steps_per_epoch=5, shuffle_buffer=4, n_local=2))
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_loader"):
+        batches = list(loader)
+    assert len(batches) == 5
+    seen = {k for b in batches for k in b["keys"]}
+    assert not seen & {f"s{i:05d}" for i in kinds}
+    assert loader.skipped == {v: 1 for v in kinds.values()} == batches[-1]["skipped"]
+    assert "left out of its index" in caplog.text
+    loader.set_epoch(1)                                          # counted again for the next pass
+    list(loader)
+    assert loader.skipped == {v: 2 for v in kinds.values()}
+
+
+def test_decode_error_at_run_time_drops_the_batch(tmp_path, caplog):
+    urls = write_shards(tmp_path, 1, 20, bad={2: "corrupt_image"})
+    write_index(urls[0], validate=False)                         # an unvalidated index (as wds2idx makes)
+    loader = dali(spec(urls, steps_per_epoch=4, shuffle_buffer=1, n_local=2), validate=False)
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_loader"):
+        batches = list(loader)
+    assert len(batches) == 4
+    assert loader.skipped == {"decode_error_batch": 4}          # the first batch (B = 4) is dropped
+    assert [k for b in batches for k in b["keys"]] == [f"s{i:05d}" for i in range(4, 20)]
+    assert "decode_error_batch" in caplog.text
+
+
+def test_run_time_caption_skip_refills_the_batch(tmp_path):
+    urls = write_shards(tmp_path, 1, 12, bad={1: "string_caption_field", 6: "string_caption_field"})
+    loader = dali(spec(urls, steps_per_epoch=2, shuffle_buffer=1, n_local=2, string_fields="reject"))
+    batches = list(loader)
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == 8 and len(set(keys)) == 8 and not {"s00001", "s00006"} & set(keys)
+    assert loader.skipped == {"string_caption_field": 2}
+    assert all(b["crops"][0].shape[0] == 4 and b["captions"].shape == (32, 77) for b in batches)
+
+
+def test_truncated_and_unfetchable_shards_are_skipped(tmp_path):
+    urls = write_shards(tmp_path, 3, 8)
+    data = open(urls[0], "rb").read()
+    open(urls[0], "wb").write(data[: len(data) // 3])
+    remote = [f"pipe:cat {urls[1]}", f"pipe:cat {tmp_path / 'missing.tar'}", urls[0], urls[2]]
+    loader = dali(spec(remote, steps_per_epoch=4, shuffle_buffer=1, n_local=2), cache_dir=tmp_path / "cache",
+                  retries=2)
+    batches = list(loader)
+    keys = {k for b in batches for k in b["keys"]}
+    assert len(batches) == 4 and loader.skipped == {"bad_shard": 2}
+    assert keys == {f"s{i:05d}" for i in range(8, 24)}              # shards 1 (piped) and 2
+    assert len(list((tmp_path / "cache").glob("*.tar"))) == 1 and list((tmp_path / "cache").glob("*.idx"))
+
+
+# ------------------------------------------------------------------------ order, determinism, resume
+def test_deterministic_epochs_and_rank_split(shards):
+    a = [b["keys"] for b in dali(spec(shards, steps_per_epoch=3, n_local=2), hue_mode="linear")]
+    b_loader = dali(spec(shards, steps_per_epoch=3, n_local=2), hue_mode="linear")
+    b = list(b_loader)
+    assert a == [x["keys"] for x in b]
+    b_loader.set_epoch(1)
+    assert [x["keys"] for x in b_loader] != a
+    keys = {}
+    for rank in range(2):
+        loader = dali(spec(shards, rank=rank, world=2, steps_per_epoch=2, n_local=2), hue_mode="linear")
+        keys[rank] = {k for x in loader for k in x["keys"]}
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    first_shards = [set(dali(spec(shards, rank=r, world=2)).epoch_shards(0)) for r in range(2)]
+    assert not first_shards[0] & first_shards[1] and len(first_shards[0] | first_shards[1]) == 4
+
+
+def _equal_batches(got, want):
+    assert [b["keys"] for b in got] == [b["keys"] for b in want]
+    for x, y in zip(got, want):
+        assert torch.equal(x["captions"], y["captions"])
+        assert all(torch.equal(a, b) for a, b in zip(x["crops"], y["crops"]))
+
+
+def test_resume_mid_epoch_is_exact(shards, stop=3):
+    make = lambda: dali(spec(shards, steps_per_epoch=5, shuffle_buffer=8))       # noqa: E731
+    full = list(make())
+    first = make()
+    it = iter(first)
+    head = [next(it) for _ in range(stop)]
+    state = first.state_dict()
+    assert state["position"]["checkpoint"] is not None and state["consumed"] == stop
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    _equal_batches(head + tail, full)
+    assert resumed.consumed == 5
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3])
+def test_resume_with_skipped_samples_and_dropped_batches(tmp_path, stop):
+    """Caption skips leave part of a pipeline batch waiting and a decode error drops one: a resume
+    at any point neither repeats nor loses a sample, nor counts a skip twice."""
+    urls = write_shards(tmp_path, 2, 10, bad={1: "string_caption_field", 7: "string_caption_field",
+                                              12: "corrupt_image"})
+    for u in urls:
+        write_index(u, validate=False)
+    make = lambda: dali(spec(urls, steps_per_epoch=4, shuffle_buffer=1, n_local=1,   # noqa: E731
+                             string_fields="reject"), hue_mode="linear", validate=False)
+    full_loader = make()
+    full = list(full_loader)
+    first = make()
+    it = iter(first)
+    head = [next(it) for _ in range(stop)]
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    tail = list(resumed)
+    _equal_batches(head + tail, full)
+    # the reader wraps around: s00001 is met (and counted) twice in the epoch
+    assert resumed.skipped == full_loader.skipped == {"string_caption_field": 3, "decode_error_batch": 4}
+
+
+def test_resume_without_checkpoint_replays(shards):
+    make = lambda: dali(spec(shards, steps_per_epoch=4, n_local=1), hue_mode="linear")   # noqa: E731
+    full = list(make())
+    resumed = make()
+    resumed.load_state_dict({"epoch": 0, "consumed": 2, "worker_skips": {}, "skips_before": {}})  # torchvision
+    tail = list(resumed)
+    assert [b["keys"] for b in tail] == [b["keys"] for b in full[2:]]
+    _equal_batches(tail, full[2:])                                 # same graph: augmentations exact too
+
+
+def test_build_loader_switch(shards):
+    sp = spec(shards)
+    assert isinstance(build_loader(sp, "torchvision"), WebDatasetLoader)
+    assert isinstance(build_loader(sp, "dali", device="cpu"), DaliLoader)
+    assert isinstance(build_loader(sp, "auto"), WebDatasetLoader if not torch.cuda.is_available() else DaliLoader)
+    with pytest.raises(ValueError, match="data.backend"):
+        build_loader(sp, "ffcv")
+    with pytest.raises(TypeError, match="only apply"):
+        build_loader(sp, "torchvision", device="cpu")
+    with pytest.raises(ValueError, match="hue_mode"):
+        DaliLoader(sp, hue_mode="approx")
