@@ -235,9 +235,9 @@ def _targets_layout(x: torch.Tensor, count: int, b: int, w: int) -> torch.Tensor
 def _diag(u, v, tau, p_count, b, q_count, n, offset):
     """τ·U_p[i]·V_q[offset + i] summed over i: (P, Q)."""
     acc = torch.promote_types(u.dtype, torch.float32)
-    up = u[: p_count * b].view(p_count, b, -1).to(acc)
-    vq = v.view(q_count, n, -1)[:, offset:offset + b].to(acc)
-    return tau.to(acc) * torch.einsum("pbd,qbd->pq", up, vq)
+    up = u[: p_count * b].reshape(p_count, -1)                          # a view: rows are contiguous
+    vq = v.view(q_count, n, -1)[:, offset:offset + b].reshape(q_count, -1)   # a view when W = 1
+    return tau.to(acc) * (up.to(acc) @ vq.to(acc).T)                   # one small matmul, no B×D copies
 
 
 def group_pair_losses(u, v, tau, p_count: int, b: int, q_count: int, impl: str, need_dv: bool):
