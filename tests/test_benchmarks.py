@@ -1,0 +1,205 @@
+"""Smoke tests of the benchmark scripts: train-step benchmark, communication formulas and the
+scaling model, the profile's collective classification, the README generator and the GPU suite's
+dependency check. Results go to tmp dirs (``--results-dir``), never into bench_results/."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_train, report, scaling  # noqa: E402
+from benchmarks.profile_train import classify, size_factor, wire_factor  # noqa: E402
+from cosmos_fast.profiling import PHASES  # noqa: E402
+
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, 2-thread OpenMP spins turn ms into seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _read(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------- bench_train
+def test_bench_train_tiny_writes_breakdown_and_mfu(tmp_path):
+    args = ["--model", json.dumps(TINY), "--batch", "2", "--warmup", "0", "--reps", "1", "--no-data",
+            "--device", "cpu", "--threads", "1", "--results-dir", str(tmp_path)]
+    out = bench_train.run(bench_train.parse_args(args))
+    rows = _read(out["csv"])
+    assert Path(out["csv"]).parent == tmp_path / "train"
+    assert [r["path"] for r in rows] == ["reference", "fast"]
+    assert rows[0]["pool_impl"] == "reference" and rows[1]["pool_impl"] == "shared"
+    assert rows[1]["loss_impl"] == "blockwise"
+    for r in rows:
+        for ph in PHASES:
+            assert f"t_{ph}_ms" in r and float(r[f"t_{ph}_ms"]) >= 0.0
+        assert float(r["t_student_forward_ms"]) > 0 and float(r["t_backward_ms"]) > 0
+        flops = float(r["flops_step"])
+        assert flops > 0
+        assert float(r["flops_student_forward"]) > 0 and float(r["flops_backward"]) > 0
+        mfu = flops / (float(r["median_ms"]) / 1e3) / (float(r["peak_tflops"]) * 1e12)
+        assert float(r["mfu"]) == pytest.approx(mfu, rel=1e-6) and float(r["mfu"]) > 0
+        assert float(r["samples_per_s"]) == pytest.approx(2 / (float(r["median_ms"]) / 1e3), rel=1e-6)
+        assert float(r["loss_rel_err"]) <= 1e-4 and float(r["grad_rel_err"]) <= 1e-3
+        assert float(r["loss_ref"]) == pytest.approx(float(r["loss_fast"]), rel=1e-4)
+    assert rows[0]["flops_step"] == rows[1]["flops_step"]          # one count, used for both paths
+    for key in ("device", "torch", "triton", "commit", "date"):
+        assert rows[0][key]
+
+
+def test_equality_check_rejects_a_different_fast_path():
+    from cosmos_fast.ema import build_teacher
+    from cosmos_fast.model import create_model
+
+    torch.manual_seed(0)
+    student = create_model(TINY, pool_impl="reference")
+    teacher = build_teacher(student)
+    dev = torch.device("cpu")
+    ref = bench_train.TrainPath("reference", student, teacher, "reference", "reference", dev, None)
+    fast = bench_train.TrainPath("fast", student, teacher, "shared", "blockwise", dev, None)
+    batch = bench_train.make_batch(2, 32, 16, 49408, 77)
+    ok = bench_train.check_equal(ref, fast, batch, low_precision=False)
+    assert ok["loss_rel_err"] <= 1e-4
+    with torch.no_grad():
+        fast.student.text_projection.mul_(1.5)                      # now a different model
+    with pytest.raises(SystemExit, match="differs from the reference"):
+        bench_train.check_equal(ref, fast, batch, low_precision=False)
+
+
+# ----------------------------------------------------------------------------- scaling formulas
+def test_comm_volume_matches_hand_computed_values():
+    p, w, b, d = 1_000_000, 4, 8, 64
+    v0 = scaling.comm_volume(p, 0, w, batch=b, dim=d)                # bf16 (2 bytes) defaults
+    assert v0["grad_reduce"] == pytest.approx(1.5 * p * 2)             # all-reduce 2(W-1)/W · 2P bytes
+    assert v0["param_allgather_after_step"] == 0 and v0["zero3_param_gather"] == 0
+    for stage in (1, 2):
+        v = scaling.comm_volume(p, stage, w, batch=b, dim=d)
+        assert v["grad_reduce"] == pytest.approx(0.75 * p * 2)         # reduce-scatter
+        assert v["param_allgather_after_step"] == pytest.approx(0.75 * p * 2)
+        assert v["zero3_param_gather"] == 0 and v["zero3_teacher_gather"] == 0
+    v3 = scaling.comm_volume(p, 3, w, batch=b, dim=d)
+    assert v3["grad_reduce"] == pytest.approx(1.5e6)
+    assert v3["zero3_param_gather"] == pytest.approx(1.5e6)
+    assert v3["zero3_teacher_gather"] == pytest.approx(0.75 * p * 4)   # fp32 teacher
+    assert v3["param_allgather_after_step"] == 0
+    assert scaling.comm_volume(p, 3, w, batch=b, dim=d, zero3_regather=True)["zero3_param_gather"] == pytest.approx(3e6)
+    assert scaling.comm_volume(p, 3, w, batch=b, dim=d, teacher_partitioned=False)["zero3_teacher_gather"] == 0
+    assert scaling.comm_volume(p, 2, w, batch=b, dim=d, reduce_scatter=False)["grad_reduce"] == pytest.approx(3e6)
+    # loss traffic, B_g = 32: 12 feature blocks gathered; 2·80·B_g + 160 fp32 statistics all-reduced;
+    # the 8 text-feature gradient blocks reduce-scattered plus the 2 logit-scale gradients
+    assert v0["feature_allgather"] == pytest.approx(0.75 * 12 * 32 * 64 * 2)
+    assert v0["loss_stats_allreduce"] == pytest.approx(1.5 * (2 * 80 * 32 + 160) * 4)
+    assert v0["feature_grad_reduce"] == pytest.approx(0.75 * 8 * 32 * 64 * 2 + 1.5 * 8)
+    assert all(x == 0 for x in scaling.comm_volume(p, 3, 1, batch=b, dim=d).values())
+
+
+def test_loss_flops_formula():
+    assert scaling.loss_flops(32, 128, 512, "fast") == pytest.approx(176 * 2 * 32 * 4096 * 512)
+    assert scaling.loss_flops(32, 128, 512, "reference") == pytest.approx(176 * 2 * 4096 * 4096 * 512)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("overlap", ["none", "overlap"])
+@pytest.mark.parametrize("ib", ["hdr4", "hdr8"])
+def test_projection_is_monotone(stage, overlap, ib):
+    cl = scaling.Cluster(inter_busbw=scaling.IB_BUSBW[ib])
+    rows = scaling.project(scaling.PROJECT_GPUS, n_params=150_000_000, flops_per_sample=559e9, batch=64,
+                           stage=stage, dim=512, cluster=cl, overlap=overlap)
+    assert [r["gpus"] for r in rows] == [1, 8, 16, 32, 64, 128]
+    assert rows[0]["efficiency"] == pytest.approx(1.0) and rows[0]["comm_share"] == 0.0
+    eff = [r["efficiency"] for r in rows]
+    share = [r["comm_share"] for r in rows]
+    assert all(e <= 1.0 + 1e-12 for e in eff)
+    assert all(a >= b - 1e-12 for a, b in zip(eff, eff[1:])), eff          # more ranks: never more efficient
+    assert all(a <= b + 1e-12 for a, b in zip(share, share[1:])), share    # communication share never shrinks
+    if overlap == "none":
+        assert rows[-1]["t_exposed_ms"] > 0
+
+
+def test_projection_uses_measured_compute_and_volume_scale():
+    kw = dict(n_params=10_000_000, flops_per_sample=1e9, batch=8, stage=2, dim=64)
+    a = scaling.project([8], compute_s=0.5, **kw)
+    assert a[0]["t_compute_ms"] == pytest.approx(500.0)
+    b = scaling.project([8], compute_s=0.5, volume_scale={"grad_reduce": 2.0}, **kw)
+    assert b[1]["wire_mb_grad_reduce"] == pytest.approx(2 * a[1]["wire_mb_grad_reduce"])
+    assert b[1]["t_step_ms"] > a[1]["t_step_ms"]
+
+
+# ----------------------------------------------------------------------------- profile accounting
+def test_collective_classification_and_factors():
+    assert classify("all_gather", "loss", False) == "feature_allgather"
+    assert classify("all_reduce", "loss", False) == "loss_stats_allreduce"
+    assert classify("all_reduce", "backward", True) == "feature_grad_reduce"
+    assert classify("all_reduce", "backward", False) == "grad_reduce"
+    assert classify("all_gather", "student_forward", False) == "zero3_param_gather"
+    assert classify("all_gather", "teacher_forward", False) == "zero3_teacher_gather"
+    assert classify("all_gather", "optimizer", False, stage=2) == "param_allgather_after_step"
+    assert classify("all_gather", "optimizer", False, stage=3) == "zero3_param_gather"
+    assert classify("broadcast", None, False) == "other"
+    assert wire_factor("all_reduce", 4) == pytest.approx(1.5) and wire_factor("all_gather", 4) == pytest.approx(0.75)
+    assert wire_factor("all_reduce", 1) == 0.0
+    assert size_factor("all_gather", 4) == 4 and size_factor("all_reduce", 4) == 1
+
+
+# ----------------------------------------------------------------------------- report
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_report_builds_readme_table_from_latest_csv(tmp_path):
+    env = {"device": "cpu-x86_64-2threads", "torch": "2.14.1", "triton": "3.8.0", "cuda": "none"}
+    old = [{**env, "commit": "aaaaaaa", "date": "2026-01-01", "model": "tiny", "B": 2, "path": "reference",
+            "median_ms": 100.0, "speedup_vs_ref": 1.0}]
+    new = [{**env, "commit": "bbbbbbb", "date": "2026-02-01", "model": "tiny", "B": 2, "path": p, "median_ms": ms,
+            "samples_per_s": 2 / ms * 1e3, **{f"t_{ph}_ms": 1.0 for ph in PHASES}, "peak_mib": 5.0, "mfu": 0.0123,
+            "speedup_vs_ref": 200.0 / ms, "mem_ratio_vs_ref": 1.0} for p, ms in (("reference", 200.0), ("fast", 50.0))]
+    _write(tmp_path / "train" / "cpu-x86_64-2threads_2026-01-01_aaaaaaa.csv", old)
+    _write(tmp_path / "train" / "cpu-x86_64-2threads_2026-02-01_bbbbbbb.csv", new)
+    _write(tmp_path / "mystery" / "gpu_2026-02-02_ccccccc.csv",
+           [{**env, "commit": "ccccccc", "date": "2026-02-02", "case": "x", "speedup_vs_ref": 3.0}])
+    text = report.build_readme(tmp_path, plots=True)
+    assert "## train" in text and "## mystery" in text
+    assert "bbbbbbb" in text and "2026-02-01" in text and "aaaaaaa" not in text      # newest CSV only
+    assert "| model | B | path |" in text.replace("precision | ", "")
+    lines = [ln for ln in text.splitlines() if ln.startswith("| tiny | 2 |")]
+    assert len(lines) == 2 and lines[1].split("|")[3].strip() == "fast"
+    assert lines[1].rstrip(" |").endswith("| 4 | 1")                                  # speedup 4×, memory 1×
+    assert "1.23%" in lines[1]                                                       # MFU shown in percent
+    assert (tmp_path / "train" / "cpu-x86_64-2threads_2026-02-01_bbbbbbb.png").stat().st_size > 0
+    assert report.main(["--results-dir", str(tmp_path), "--no-plots"]) == 0
+    assert (tmp_path / "README.md").read_text().startswith("# Benchmark results")
+
+
+# ----------------------------------------------------------------------------- GPU suite
+def test_gpu_suite_is_valid_bash_and_checks_dependencies_first(tmp_path):
+    script = REPO / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the suite would run for minutes")
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no CUDA GPU" in r.stdout
+    assert (tmp_path / "out" / "status.txt").read_text().strip() == "deps FAIL"
+    assert not (REPO / "cosmos_fast" / "kernels").is_symlink()
