@@ -120,8 +120,12 @@ class _CPUPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # outputs that share storage with an input (views, in-place ops) allocate nothing new
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs or {}))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
         for t in tree_flatten(out)[0]:
-            self._track(t)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._track(t)
         return out
 
 
