@@ -158,7 +158,6 @@ def main(argv=None):
                              "D": args.dim, "dtype": args.dtype, **timing, "peak_mem_bytes": mem,
                              "input_grad_floor_bytes": floor, "peak_beyond_floor_bytes": mem - floor,
                              "max_rel_err_vs_" + "truth": errs[name]})
-        del x, p, fns
     # ratios against the reference measured in this run
     ref = {(r["B"], r["mode"]): r for r in rows if r["provider"] == "reference"}
     print(f"\n{'provider':10s} {'mode':8s} {'B':>6s} {'median s':>10s} {'p20':>8s} {'p80':>8s} "

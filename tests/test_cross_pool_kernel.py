@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cosmos_fast.fused_cross_pool import cross_pool_fused
 from cosmos_fast.kernels import cross_pool as kc

@@ -12,21 +12,20 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-from torchvision import transforms as T
 
 pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def  # noqa: E402
 
 from cosmos_fast.data import dali_loader as dl  # noqa: E402
-from cosmos_fast.data import transforms as mt  # noqa: E402
 from cosmos_fast.data.backends import build_loader  # noqa: E402
 from cosmos_fast.data.captions import Tokenizer  # noqa: E402
 from cosmos_fast.data.loader import WebDatasetLoader  # noqa: E402
 from cosmos_fast.data.shards import index_path, write_index  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
-from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD, MultiCropTransform, seeded  # noqa: E402
+from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from tests.test_loader import spec, write_shards  # noqa: E402
+from multicrop_spy import spy_multicrop  # noqa: E402
 
 DaliLoader = dl.DaliWebDatasetLoader
 
@@ -240,62 +239,7 @@ def dali_params(scenes):
 @pytest.fixture(scope="module")
 def torchvision_params(scenes):
     """The same quantities from MultiCropTransform, by spying on the functions it calls."""
-    _, images = scenes
-    counts, area, ratio, radii, pixels = defaultdict(Counter), defaultdict(list), defaultdict(list), \
-        defaultdict(list), defaultdict(list)
-    factors = defaultdict(lambda: defaultdict(list))          # kind → op → factors; "first" → first op
-    current = {}
-    tf = MultiCropTransform(32, 16, crop_scale=0.4)
-    for name in KINDS:
-        comp = getattr(tf, name)
-
-        def wrapped(img, comp=comp, name=name):
-            current["kind"] = name
-            counts[name]["crops"] += 1
-            out = comp(img)
-            pixels[name].append(out.numpy())
-            return out
-        setattr(tf, name, wrapped)
-    orig = {f: getattr(TF, f) for f in ("hflip", "adjust_brightness", "adjust_contrast", "adjust_saturation",
-                                        "adjust_hue", "rgb_to_grayscale", "solarize")}
-    orig_params, orig_blur = T.RandomResizedCrop.get_params, mt.ImageFilter.GaussianBlur
-
-    def spy(fname):
-        def f(*a, **k):
-            counts[current["kind"]][fname] += 1
-            if fname.startswith("adjust_"):
-                op = fname[len("adjust_"):]
-                factors[current["kind"]][op].append(a[1])
-                crop = (current["kind"], counts[current["kind"]]["crops"])
-                if current.get("crop") != crop:                                   # first jitter op of this crop
-                    current["crop"] = crop
-                    factors[current["kind"]]["first"].append(op)
-            return orig[fname](*a, **k)
-        return f
-
-    def params(img, scale, r):
-        i, j, h, w = orig_params(img, scale, r)
-        area[current["kind"]].append(h * w / (img.size[0] * img.size[1]))
-        ratio[current["kind"]].append(w / h)
-        return i, j, h, w
-
-    def blur(radius):
-        counts[current["kind"]]["blur"] += 1
-        radii[current["kind"]].append(radius)
-        return orig_blur(radius=radius)
-
-    mp = pytest.MonkeyPatch()
-    for fname in orig:
-        mp.setattr(TF, fname, spy(fname))
-    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
-    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
-    try:
-        with seeded(0):
-            for img in images:
-                tf(img)
-    finally:
-        mp.undo()
-    return counts, area, ratio, radii, {k: np.stack(v) for k, v in pixels.items()}, factors
+    return spy_multicrop(scenes[1])
 
 
 @pytest.mark.parametrize("kind,blur_p,solarize_p", [("global1", 1.0, 0.0), ("global2", 0.1, 0.2),

@@ -1,16 +1,12 @@
 """Multi-crop augmentation of §4.4: sizes, scale ranges and the probability of each random op,
 measured statistically with a fixed seed by spying on the torchvision / PIL functions it calls."""
-from collections import Counter, defaultdict
-
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision import transforms as T
 
-from cosmos_fast.data import transforms as mt
 from cosmos_fast.data.transforms import MultiCropTransform, eval_transform, seeded
+from multicrop_spy import spy_multicrop
 
 
 def test_shapes_and_normalisation():
@@ -38,54 +34,9 @@ def test_seeded_is_deterministic_and_restores_rng():
 @pytest.fixture(scope="module")
 def rates():
     """Run 400 samples and count, per crop kind, every random op applied."""
-    counts = defaultdict(Counter)
-    scales = defaultdict(list)
-    current = {"kind": None}
-    tf = MultiCropTransform(32, 16, crop_scale=0.4)
-    for name in ("global1", "global2", "local"):
-        comp = getattr(tf, name)
-
-        def wrapped(img, comp=comp, name=name):
-            current["kind"] = name
-            counts[name]["crops"] += 1
-            return comp(img)
-        setattr(tf, name, wrapped)
-
-    orig = {"hflip": TF.hflip, "adjust_brightness": TF.adjust_brightness, "rgb_to_grayscale": TF.rgb_to_grayscale,
-            "solarize": TF.solarize}
-    orig_params = T.RandomResizedCrop.get_params
-    orig_blur = mt.ImageFilter.GaussianBlur
-    radii = defaultdict(list)
-
-    def spy(fname):
-        def f(*a, **k):
-            counts[current["kind"]][fname] += 1
-            return orig[fname](*a, **k)
-        return f
-
-    def params(img, scale, ratio):
-        i, j, h, w = orig_params(img, scale, ratio)
-        scales[current["kind"]].append(h * w / (img.size[0] * img.size[1]))
-        return i, j, h, w
-
-    def blur(radius):
-        counts[current["kind"]]["blur"] += 1
-        radii[current["kind"]].append(radius)
-        return orig_blur(radius=radius)
-
-    mp = pytest.MonkeyPatch()
-    for fname in orig:
-        mp.setattr(TF, fname, spy(fname))
-    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
-    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
-    try:
-        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
-        with seeded(0):
-            for _ in range(400):
-                tf(img)
-    finally:
-        mp.undo()
-    return counts, scales, radii
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    counts, area, _, radii, _, _ = spy_multicrop([img] * 400)
+    return counts, area, radii
 
 
 @pytest.mark.parametrize("kind,blur_p,solarize_p", [("global1", 1.0, 0.0), ("global2", 0.1, 0.2), ("local", 0.5, 0.0)])
