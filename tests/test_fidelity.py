@@ -94,9 +94,9 @@ def test_one_full_training_step(official, impl):
     after = student.state_dict()
     for n, ref in step["student_after"].items():
         g = step["student_grads"][n]
-        # AdamW's first update is ~lr·sign(g): compare where g is well above rounding (the
-        # tiled paths sum in another order, so their rounding-level gradients differ more)
-        solid = g.abs() > (1e-6 if impl == "reference" else 1e-5) * g.abs().max()
+        # AdamW's first update is ~lr·sign(g): compare where g is well above rounding (our
+        # shared-K/V pooling and the tiled loss sum in another order than the official code)
+        solid = g.abs() > 1e-5 * g.abs().max()
         close(after[n][solid], ref[solid])
     t_after = teacher.state_dict()
     for n, ref in step["teacher_after"].items():

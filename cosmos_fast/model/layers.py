@@ -54,7 +54,7 @@ class PackedAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape
-        return x.view(n, length, self.heads, self.width // self.heads).transpose(1, 2)
+        return x.unflatten(-1, (self.heads, self.width // self.heads)).transpose(1, 2)
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         n, _, length, _ = x.shape
@@ -65,9 +65,11 @@ class PackedAttention(nn.Module):
         """Self-attention over x, or (with ``context``) cross-attention of x over context; ``core``
         replaces the attention core (q, k, v) -> o for the cross-attention (the fused kernel)."""
         if context is not None:
+            w = self.width
             q = self.split_heads(self.project(x, 0))                   # N × H × n × d
-            k = self.split_heads(self.project(context, 1))             # N × H × L × d
-            v = self.split_heads(self.project(context, 2))
+            # K and V in one matmul over the context (one weight slice, one gradient buffer)
+            kv = F.linear(context, self.in_proj_weight[w:], self.in_proj_bias[w:])
+            k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))  # N × H × L × d (views)
             o = core(q, k, v) if core is not None else attention(q, k, v, causal=causal)
             return self.out_proj(self.merge_heads(o))
         n, length, w = x.shape
