@@ -40,6 +40,17 @@ MAX_D = 1024
 
 
 @triton.jit
+def _load_block(base, first_row, idx, n_rows, stride, offs_d, D, CAST_F32: tl.constexpr):
+    """Rows ``first_row + idx`` (masked to idx < n_rows) of a row-major base, all D features
+    (masked beyond D), as one (len(idx), BLOCK_D) tile; fp32 when CAST_F32 (the interpreter)."""
+    x = tl.load(base + (first_row + idx)[:, None] * stride + offs_d[None, :],
+                mask=(idx < n_rows)[:, None] & (offs_d < D)[None, :], other=0.0)
+    if CAST_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _contrastive_row_fwd_kernel(
     U, V, TAU, RLSE,                      # pointers: student base, target base, scale, out (P,Q,B)
     stride_u, stride_v,                   # row strides (the feature dim is contiguous)
@@ -53,20 +64,13 @@ def _contrastive_row_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < B
-    d_ok = offs_d < D
-    u = tl.load(U + (p * B + rows)[:, None] * stride_u + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAST_F32:
-        u = u.to(tl.float32)
+    u = _load_block(U, p * B, rows, B, stride_u, offs_d, D, CAST_F32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        v = tl.load(V + (q * N + cols)[:, None] * stride_v + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if CAST_F32:
-            v = v.to(tl.float32)
+        v = _load_block(V, q * N, cols, N, stride_v, offs_d, D, CAST_F32)
         s = tl.dot(u, tl.trans(v)) * tau
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -90,20 +94,13 @@ def _contrastive_col_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < N
-    d_ok = offs_d < D
-    v = tl.load(V + (q * N + cols)[:, None] * stride_v + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAST_F32:
-        v = v.to(tl.float32)
+    v = _load_block(V, q * N, cols, N, stride_v, offs_d, D, CAST_F32)
     m_j = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l_j = tl.zeros((BLOCK_N,), tl.float32)
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
-        u = tl.load(U + (p * B + rows)[:, None] * stride_u + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if CAST_F32:
-            u = u.to(tl.float32)
+        u = _load_block(U, p * B, rows, B, stride_u, offs_d, D, CAST_F32)
         s = tl.dot(u, tl.trans(v)) * tau
         s = tl.where(row_ok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_j, tl.max(s, axis=0))
@@ -128,10 +125,7 @@ def _contrastive_du_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < B
     d_ok = offs_d < D
-    u = tl.load(U + (p * B + rows)[:, None] * stride_u + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAST_F32:
-        u = u.to(tl.float32)
+    u = _load_block(U, p * B, rows, B, stride_u, offs_d, D, CAST_F32)
     du = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     dtau = tl.zeros((BLOCK_M,), tl.float32)
     for q in range(0, Q):
@@ -140,10 +134,7 @@ def _contrastive_du_bwd_kernel(
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            v = tl.load(V + (q * N + cols)[:, None] * stride_v + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if CAST_F32:
-                v = v.to(tl.float32)
+            v = _load_block(V, q * N, cols, N, stride_v, offs_d, D, CAST_F32)
             clse = tl.load(CLSE + (p * Q + q) * N + cols, mask=col_ok, other=0.0)
             s = tl.dot(u, tl.trans(v)) * tau
             ds = coef * (tl.exp(s - rlse[:, None]) + tl.exp(s - clse[None, :]))
@@ -169,10 +160,7 @@ def _contrastive_dv_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < N
     d_ok = offs_d < D
-    v = tl.load(V + (q * N + cols)[:, None] * stride_v + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAST_F32:
-        v = v.to(tl.float32)
+    v = _load_block(V, q * N, cols, N, stride_v, offs_d, D, CAST_F32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for p in range(0, P):
         coef = tl.load(COEF + p * Q + q).to(tl.float32)
@@ -180,10 +168,7 @@ def _contrastive_dv_bwd_kernel(
         for m0 in range(0, B, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < B
-            u = tl.load(U + (p * B + rows)[:, None] * stride_u + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if CAST_F32:
-                u = u.to(tl.float32)
+            u = _load_block(U, p * B, rows, B, stride_u, offs_d, D, CAST_F32)
             rlse = tl.load(RLSE + (p * Q + q) * B + rows, mask=row_ok, other=0.0)
             s = tl.dot(u, tl.trans(v)) * tau
             ds = coef * (tl.exp(s - rlse[:, None]) + tl.exp(s - clse[None, :]))
