@@ -78,6 +78,14 @@ def _open_clip_pair(cfg):
     return ours, theirs
 
 
+@torch.no_grad()
+def assert_towers_equal(ours, theirs, images, text, rtol, atol):
+    torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True),
+                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(ours.encode_text(text), theirs.encode_text(text, normalize=True),
+                               rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_towers_equal_open_clip(backend):
     ours, theirs = _open_clip_pair(SMALL)
@@ -86,11 +94,8 @@ def test_towers_equal_open_clip(backend):
     text = torch.randint(1, 48, (3, 12))
     text[:, -1] = 49          # EOT (largest id) somewhere
     text[0, 5] = 49
-    with attention_backend(backend), torch.no_grad():
-        torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True),
-                                   rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours.encode_text(text), theirs.encode_text(text, normalize=True),
-                                   rtol=1e-5, atol=1e-6)
+    with attention_backend(backend):
+        assert_towers_equal(ours, theirs, images, text, rtol=1e-5, atol=1e-6)
 
 
 def test_vit_b32_towers_equal_open_clip_at_224():
@@ -100,11 +105,7 @@ def test_vit_b32_towers_equal_open_clip_at_224():
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k in theirs.state_dict()})
     images = torch.randn(1, 3, 224, 224)
     text = open_clip.get_tokenizer("ViT-B-32")(["a photo of a red square next to a blue circle"])
-    with torch.no_grad():
-        torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True),
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ours.encode_text(text), theirs.encode_text(text, normalize=True),
-                                   rtol=1e-4, atol=1e-5)
+    assert_towers_equal(ours, theirs, images, text, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_switch_sdpa_equals_math():
