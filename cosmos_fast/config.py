@@ -43,6 +43,8 @@ class DataSection:
     batch_size: int = _f(64, "per-device batch B; the global batch is B × world size")
     expected_global_batch: typing.Optional[int] = _f(None, "if set, B × world size must equal it (checked at start)")
     num_workers: int = _f(4, "data-loader worker processes per rank")
+    worker_start: str = _f("forkserver", "how workers start: forkserver (clean process, default), spawn or fork "
+                           "(copies the trainer's thread pools; can crash workers)")
     caption_mode: str = _f("textcrop", "textcrop (DreamLIP fields) or textcrop_pixelprose")
     num_captions: int = _f(8, "captions per sample: 2 global + the rest local")
     local_crops: int = _f(6, "local image crops per sample (after the 2 global crops)")
@@ -244,6 +246,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     import torch
 
     from .data.captions import MODES, STRING_FIELD_POLICIES
+    from .data.loader import WORKER_START_METHODS
     from .data.loader import expand_shards
     from .model.config import resolve_model_config
 
@@ -258,6 +261,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     _choice("data.backend", d.backend, ("torchvision", "dali", "auto"))
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
+    _choice("data.worker_start", d.worker_start, WORKER_START_METHODS)
     _choice("ema.schedule", e.schedule, ("fixed", "cosine"))
     _choice("ema.order", e.order, ("before_step", "after_step"))
     _choice("train.precision", t.precision, ("fp32", "amp_bf16", "amp_fp16"))

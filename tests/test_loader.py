@@ -109,6 +109,42 @@ def test_bad_data_is_counted_logged_and_skipped(tmp_path, caplog):
     assert "s00003" in caplog.text and "corrupt_image" in caplog.text and "shard-0000.tar" in caplog.text
 
 
+def test_worker_start_forkserver_workers_log_and_count(tmp_path):
+    """Workers start from a clean forkserver by default; their skip lines still reach stderr.
+
+    Run in a fresh interpreter: a forkserver started by an earlier test keeps that test's stderr."""
+    import subprocess
+    import sys
+    urls = write_shards(tmp_path, 2, 12, bad={3: "corrupt_image", 15: "bad_json"})
+    code = (
+        "import json, sys\n"
+        "from cosmos_fast.data.loader import StreamSpec, WebDatasetLoader\n"
+        "spec = StreamSpec(**json.loads(sys.argv[1]))\n"
+        "assert spec.worker_start == 'forkserver'\n"
+        "loader = WebDatasetLoader(spec)\n"
+        "n = sum(1 for _ in loader)\n"
+        "print(json.dumps({'batches': n, 'skipped': loader.skipped}))\n")
+    kw = vars(spec(urls, num_workers=2, steps_per_epoch=4, shuffle_buffer=1, shuffle_initial=1))
+    kw.pop("worker_start")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "batches": 4, "skipped": {"corrupt_image": 1, "bad_json": 1}}
+    err = out.stderr
+    assert "s00003" in err and "corrupt_image" in err and "shard-0000.tar" in err and "worker pid" in err
+    assert "s00015" in err and "bad_json" in err and "shard-0001.tar" in err
+
+
+def test_worker_start_context():
+    from cosmos_fast.data.loader import worker_context, worker_loader_kwargs
+    assert worker_context("forkserver").get_start_method() == "forkserver"
+    assert worker_context("spawn").get_start_method() == "spawn"
+    assert worker_loader_kwargs(0) == {}
+    assert worker_loader_kwargs(2, "spawn")["multiprocessing_context"].get_start_method() == "spawn"
+    with pytest.raises(ValueError, match="data.worker_start = 'thread'"):
+        worker_context("thread")
+
+
 def test_string_fields_policy(tmp_path):
     urls = write_shards(tmp_path, 1, 8, bad={2: "string_caption_field"})
     split = WebDatasetLoader(spec(urls, steps_per_epoch=1, shuffle_buffer=1, shuffle_initial=1))

@@ -23,15 +23,22 @@ are rotated so the round-robin order of the data loader continues where it stopp
 Bad data. A sample without an image or a json record, an image PIL cannot decode, a caption record
 that is not valid json or cannot be sampled (see :mod:`.captions`) is counted by reason, logged with
 its shard and key, and skipped. A truncated or unreadable tar is logged and the shard is skipped.
+
+Worker processes start with ``forkserver`` by default (``data.worker_start``): they fork from a
+clean single-threaded server instead of from the training process, whose thread pools (OpenMP,
+gloo, DALI, CUDA) a plain ``fork`` copies in an undefined state. ``fork`` remains available.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -46,6 +53,45 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 _LOG_PER_REASON = 10
+WORKER_START_METHODS = ("forkserver", "spawn", "fork")
+_WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [worker pid %(process)d]: %(message)s"
+
+
+def worker_context(method: str = "forkserver"):
+    """The multiprocessing context data-loader workers start with.
+
+    ``forkserver`` preloads torch and this module into the server once, so every later worker
+    starts by a cheap fork of a process that never ran a thread pool.
+    """
+    if method not in WORKER_START_METHODS:
+        raise ValueError(f"data.worker_start = {method!r} must be one of {', '.join(WORKER_START_METHODS)}")
+    if method not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"data.worker_start = {method!r} is not available on {sys.platform}")
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", __name__])
+    return ctx
+
+
+def _worker_logging(level: int, _worker_id: int) -> None:
+    """worker_init_fn: a worker started without fork has no log handler; give this package's logger one
+    at the parent's level (skip lines, bad shards), leaving other libraries' loggers at their defaults."""
+    pkg = logging.getLogger("cosmos_fast")
+    if not pkg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(_WORKER_LOG_FORMAT))
+        pkg.addHandler(handler)
+        pkg.setLevel(level)
+        pkg.propagate = False
+
+
+def worker_loader_kwargs(num_workers: int, method: str = "forkserver") -> dict:
+    """``DataLoader`` keyword arguments for the worker start method (empty without workers)."""
+    if num_workers <= 0:
+        return {}
+    return {"multiprocessing_context": worker_context(method),
+            "worker_init_fn": functools.partial(_worker_logging,
+                                                logging.getLogger("cosmos_fast").getEffectiveLevel())}
 
 
 def expand_shards(spec: str | list) -> list[str]:
@@ -91,6 +137,7 @@ class StreamSpec:
     crop_scale: float
     tokenizer_name: str
     context_length: int
+    worker_start: str = "forkserver"
 
 
 class _Skips:
@@ -327,7 +374,8 @@ class WebDatasetLoader:
         ds = _EpochDataset(spec, self.epoch, self.consumed)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=spec.num_workers,
                                          persistent_workers=False,
-                                         prefetch_factor=2 if spec.num_workers else None)
+                                         prefetch_factor=2 if spec.num_workers else None,
+                                         **worker_loader_kwargs(spec.num_workers, spec.worker_start))
         for batch in dl:
             self.consumed += 1
             self._worker_skips[batch.pop("worker")] = batch["skipped"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.loader import worker_loader_kwargs
 from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, RetrievalSet, load_imagenet,
                        load_retrieval_set, load_sun397)
 from .distributed import Shards, autocast, gathered_parameters, unwrap
@@ -50,7 +51,8 @@ def _encode_images(models, paths, transform, shards: Shards, *, batch_size, num_
 
     mine = shards.indices(len(paths))
     loader = DataLoader(ImageListDataset([paths[i] for i in mine], transform), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+                        shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        **worker_loader_kwargs(num_workers))
     parts = {name: [] for name in models}
     for x in tqdm(loader, desc=desc, unit="batch", disable=not progress or shards.rank != 0, dynamic_ncols=True):
         x = x.to(device, non_blocking=True)
