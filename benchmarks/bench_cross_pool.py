@@ -3,6 +3,8 @@
 Providers
   reference  cosmos_fast.reference.cross_pool.cross_pool_reference (context repeated n times, LN_k and
              K/V projections on every copy, nn.MultiheadAttention), the spec
+  absorbed   ops.cross_pool(..., impl="absorbed"): LN_k once per sample, W_k folded into the queries
+             and W_v applied to the pooled context, no K/V tensors (the CPU default)
   shared     ops.cross_pool(..., impl="shared"): LN_k and K/V once per sample, PyTorch SDPA
   fused      cosmos_fast.fused_cross_pool.cross_pool_fused: shared K/V + the Triton attention core
              (CUDA only)
@@ -50,6 +52,10 @@ def _shared(pooler, context, queries):
     return cross_pool(pooler, context, queries, impl="shared")
 
 
+def _absorbed(pooler, context, queries):
+    return cross_pool(pooler, context, queries, impl="absorbed")
+
+
 def _fused(pooler, context, queries):
     from cosmos_fast.fused_cross_pool import cross_pool_fused
 
@@ -57,7 +63,7 @@ def _fused(pooler, context, queries):
 
 
 def available_providers(device: torch.device) -> dict:
-    out = {"reference": cross_pool_reference, "shared": _shared}
+    out = {"reference": cross_pool_reference, "absorbed": _absorbed, "shared": _shared}
     if device.type == "cuda":
         out["fused"] = _fused
     return out
@@ -144,7 +150,7 @@ def main(argv=None):
     ap.add_argument("--poolers", default="image,text", help="comma-separated, from image (L=196), text (L=77)")
     ap.add_argument("--image-len", type=int, default=CONTEXT_LEN["image"], help="image context length "
                     "(196 for ViT-B/16, 49 for ViT-B/32)")
-    ap.add_argument("--providers", default="reference,shared,fused",
+    ap.add_argument("--providers", default="reference,absorbed,shared,fused",
                     help="comma-separated; fused needs CUDA and is dropped without it")
     ap.add_argument("--queries", type=int, default=8, help="n, queries per sample")
     ap.add_argument("--width", type=int, default=512, help="D")
@@ -171,7 +177,7 @@ def main(argv=None):
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     have = available_providers(device)
     wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = set(wanted) - {"reference", "shared", "fused"}
+    unknown = set(wanted) - {"reference", "absorbed", "shared", "fused"}
     if unknown:
         ap.error(f"unknown providers {sorted(unknown)}")
     for p in wanted:

@@ -4,7 +4,10 @@ Ops and the implementations available today:
 
 * ``cross_pool(pooler, context, queries, impl)`` → norm(queries + pooler(context, queries)), (B, n, D)
     - ``"fused"``     : LN_k and K/V once per sample, Triton attention core (kernels/cross_pool.py)
-    - ``"shared"``    : LN_k and K/V once per sample, PyTorch attention (the CPU path)
+    - ``"absorbed"``  : LN_k once per sample, no K/V: W_k folded into the queries and W_v applied
+                        to the attention-pooled context (n·H·L·D instead of 2·L·D² multiply-adds
+                        per sample; the CPU default when n·H < D)
+    - ``"shared"``    : LN_k and K/V once per sample, PyTorch attention
     - ``"reference"`` : the official repeat-the-context formulation (cosmos_fast.reference)
 * ``contrastive`` (the COSMOS loss) is selected through ``CosmosLoss(impl=...)``:
     - ``"fused"``     : Triton kernels (kernels/contrastive.py), no B×B tensor; CUDA, or the Triton
@@ -13,7 +16,7 @@ Ops and the implementations available today:
     - ``"reference"`` : per-pair B×B logits, exactly the official loss
 
 ``"auto"`` picks the fastest implementation available for the inputs: Triton on CUDA, the
-blockwise / shared-K/V PyTorch paths on CPU. The environment variable
+blockwise / absorbed (shared-K/V when n·H ≥ D) PyTorch paths on CPU. The environment variable
 ``COSMOS_FAST_IMPL`` (e.g. ``reference``) overrides ``"auto"`` everywhere for debugging.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from .reference.cross_pool import cross_pool_reference
 
-CROSS_POOL_IMPLS = ("fused", "shared", "reference")
+CROSS_POOL_IMPLS = ("fused", "absorbed", "shared", "reference")
 CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
 
 
@@ -62,13 +65,19 @@ def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = N
     return impl
 
 
-def resolve_cross_pool_impl(impl: str = "auto", device: torch.device | None = None) -> str:
-    """Validate ``impl``; ``"auto"`` becomes fused on CUDA (with triton), shared otherwise."""
+def resolve_cross_pool_impl(impl: str = "auto", device: torch.device | None = None,
+                            shape: tuple[int, int, int] | None = None) -> str:
+    """Validate ``impl``; ``"auto"`` becomes fused on CUDA (with triton), otherwise absorbed when
+    ``shape`` = (n queries, heads, width) has n·heads < width (fewer FLOPs than K/V), else shared."""
     if impl == "auto":
         override = os.environ.get("COSMOS_FAST_IMPL")
         if override in CROSS_POOL_IMPLS:
             return override
-        return "fused" if device is not None and device.type == "cuda" and triton_available() else "shared"
+        if device is not None and device.type == "cuda" and triton_available():
+            return "fused"
+        if shape is not None and shape[0] * shape[1] >= shape[2]:
+            return "shared"
+        return "absorbed"
     if impl not in CROSS_POOL_IMPLS:
         raise ValueError(f"unknown cross_pool implementation {impl!r}; available: {('auto',) + CROSS_POOL_IMPLS}")
     return impl
@@ -76,11 +85,11 @@ def resolve_cross_pool_impl(impl: str = "auto", device: torch.device | None = No
 
 def cross_pool(pooler, context: torch.Tensor, queries: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Cross-modal features norm(q + attn(LN_q(q), LN_k(C))) for (B, n, D) queries over (B, L, D) context."""
-    impl = resolve_cross_pool_impl(impl, queries.device)
+    impl = resolve_cross_pool_impl(impl, queries.device, (queries.shape[-2], pooler.n_head, pooler.d_model))
     if impl == "reference":
         return cross_pool_reference(pooler, context, queries)
     if impl == "fused":
         from .fused_cross_pool import cross_pool_fused   # lazy: imports triton
 
         return cross_pool_fused(pooler, context, queries)
-    return F.normalize(queries + pooler(context, queries), dim=-1)
+    return F.normalize(queries + pooler(context, queries, absorbed=impl == "absorbed"), dim=-1)

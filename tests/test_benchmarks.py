@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: train-step benchmark, communication formulas and the
 scaling model, the profile's collective classification, the README generator and the GPU suite's
 dependency check. Results go to tmp dirs (``--results-dir``), never into bench_results/."""
+import argparse
 import csv
 import json
 import os
@@ -80,6 +81,24 @@ def test_equality_check_rejects_a_different_fast_path():
         fast.student.text_projection.mul_(1.5)                      # now a different model
     with pytest.raises(SystemExit, match="differs from the reference"):
         bench_train.check_equal(ref, fast, batch, low_precision=False)
+
+
+# ----------------------------------------------------------------------------- bench_cross_pool
+def test_bench_cross_pool_checks_every_provider_then_times(tmp_path):
+    from benchmarks import bench_cross_pool as bcp
+
+    args = argparse.Namespace(warmup=0, reps=1, max_reference_batch=0)
+    providers = bcp.available_providers(torch.device("cpu"))
+    assert {"reference", "absorbed", "shared"} <= set(providers)
+    rows = bcp.run_case("text", 20, 3, 8, 64, 4, "fwd+bwd", providers, torch.device("cpu"), torch.float32, args)
+    assert {r["provider"] for r in rows} == set(providers)
+    assert all(r["max_rel_err_vs_ref"] <= 1e-4 and r["median_ms"] > 0 for r in rows)
+
+    def wrong(pooler, context, queries):                            # drops the pooled vector
+        return torch.nn.functional.normalize(queries * 1.0 + 0 * context.sum(), dim=-1)
+    with pytest.raises(SystemExit, match="wrong differs from the reference"):
+        bcp.run_case("text", 20, 3, 8, 64, 4, "fwd", {"reference": providers["reference"], "wrong": wrong},
+                     torch.device("cpu"), torch.float32, args)
 
 
 # ----------------------------------------------------------------------------- scaling formulas

@@ -23,7 +23,7 @@ def test_state_dict_layout_matches_official(official):
         assert ours[k].shape == v.shape, k
 
 
-@pytest.mark.parametrize("pool_impl", ["shared", "reference", "fused"])
+@pytest.mark.parametrize("pool_impl", ["absorbed", "shared", "reference", "fused"])
 def test_student_forward(official, official_model, pool_impl):
     official_model.pool_impl = pool_impl
     try:

@@ -49,7 +49,7 @@ def _randomise(module):
 
 
 @pytest.mark.parametrize("b,length,n,d,heads", CASES)
-@pytest.mark.parametrize("impl", ["shared", "reference"])
+@pytest.mark.parametrize("impl", ["absorbed", "shared", "reference"])
 def test_pooler_equals_repeat_formulation(b, length, n, d, heads, impl):
     ours = CrossAttentionPooler(d, d, n_head=heads).double()
     _randomise(ours)
@@ -95,3 +95,44 @@ def test_unknown_impl_is_rejected():
     p = CrossAttentionPooler(16, 16, n_head=2)
     with pytest.raises(ValueError, match="unknown cross_pool implementation 'fast'"):
         cross_pool(p, torch.randn(1, 2, 16), torch.randn(1, 1, 16), impl="fast")
+
+
+def test_auto_picks_absorbed_when_it_saves_flops():
+    from cosmos_fast.ops import resolve_cross_pool_impl
+    cpu = torch.device("cpu")
+    assert resolve_cross_pool_impl("auto", cpu, (8, 8, 512)) == "absorbed"      # COSMOS: n·H = 64 < 512
+    assert resolve_cross_pool_impl("auto", cpu, (8, 4, 32)) == "shared"         # n·H ≥ D: K/V is cheaper
+    assert resolve_cross_pool_impl("absorbed", cpu, (8, 4, 32)) == "absorbed"
+
+
+def test_absorbed_production_width_fp32_and_key_bias_gradient():
+    """D = 512, 8 heads, n = 8 in fp32 against the repeat formulation; b_k has an exactly zero gradient
+    (the softmax is invariant to it), which the reference reproduces up to rounding."""
+    pooler = CrossAttentionPooler(512, 512, n_head=8)
+    _randomise(pooler)
+    torch.manual_seed(3)
+    ctx = torch.randn(3, 49, 512, requires_grad=True)
+    q = torch.randn(3, 8, 512, requires_grad=True)
+    w = torch.randn(3, 8, 512)
+    params = list(pooler.parameters())
+    got = cross_pool(pooler, ctx, q, impl="absorbed")
+    g_got = torch.autograd.grad((got * w).sum(), [ctx, q] + params)
+    want = cross_pool(pooler, ctx, q, impl="reference")
+    g_want = torch.autograd.grad((want * w).sum(), [ctx, q] + params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["context", "queries"] + [n for n, _ in pooler.named_parameters()], g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5 * b.abs().max().item(), msg=name)
+    bias_grad = g_got[2 + [n for n, _ in pooler.named_parameters()].index("attn.in_proj_bias")]
+    assert torch.count_nonzero(bias_grad[512:1024]) == 0 and torch.count_nonzero(bias_grad[:512]) > 0
+
+
+def test_absorbed_under_cpu_autocast_close_to_fp32():
+    pooler = CrossAttentionPooler(64, 64, n_head=4)
+    _randomise(pooler)
+    ctx, q = torch.randn(4, 30, 64), torch.randn(4, 8, 64)
+    ref = cross_pool(pooler, ctx, q, impl="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cross_pool(pooler, ctx, q, impl="absorbed")
+        shared = cross_pool(pooler, ctx, q, impl="shared")
+    err, err_shared = (got.float() - ref).abs().max().item(), (shared.float() - ref).abs().max().item()
+    assert err < 5e-2 and err <= 2 * err_shared + 1e-3

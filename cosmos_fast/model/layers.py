@@ -60,10 +60,39 @@ class PackedAttention(nn.Module):
         n, _, length, _ = x.shape
         return x.transpose(1, 2).reshape(n, length, self.width)
 
+    def _absorbed_cross(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of x (N×n×W) over context (N×L×W) with the K/V projections absorbed.
+
+        Per head h with q_h = W_q,h x + b_q,h (scaled by d^-1/2):
+            q_h · (W_k,h c_l + b_k,h) = (W_k,hᵀ q_h) · c_l + const      (b_k cancels in the softmax)
+            Σ_l p_l (W_v,h c_l + b_v,h) = W_v,h (Σ_l p_l c_l) + b_v,h   (the weights sum to 1)
+        so no L-row K or V is formed: the scores and the pooled context cost n·H·L·W multiply-adds
+        per sample instead of the 2·L·W² of the K/V projections (8× fewer for COSMOS' n = H = 8,
+        W = 512). Equal to the K/V formulation up to floating-point order; b_k gets a zero gradient
+        (its exact gradient: the softmax is invariant to it).
+        """
+        n_batch, n, w = x.shape
+        heads, d = self.heads, self.width // self.heads
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, _, bv = self.in_proj_bias.chunk(3)
+        q = F.linear(x, wq, bq) * d ** -0.5                                       # N × n × W
+        q = q.reshape(n_batch * n, heads, d).transpose(0, 1)                      # H × Nn × d
+        qk = torch.matmul(q, wk.view(heads, d, w))                                # H × Nn × W
+        qk = qk.view(heads, n_batch, n, w).permute(1, 2, 0, 3).reshape(n_batch, n * heads, w)
+        p = torch.matmul(qk, context.transpose(1, 2)).softmax(dim=-1)           # N × nH × L
+        pooled = torch.matmul(p, context)                                         # N × nH × W
+        pooled = pooled.view(n_batch * n, heads, w).transpose(0, 1)               # H × Nn × W
+        o = torch.matmul(pooled, wv.view(heads, d, w).transpose(1, 2))           # H × Nn × d
+        o = o.transpose(0, 1).reshape(n_batch, n, w) + bv
+        return self.out_proj(o)
+
     def forward(self, x: torch.Tensor, causal: bool = False, context: torch.Tensor | None = None,
-                core=None) -> torch.Tensor:
+                core=None, absorbed: bool = False) -> torch.Tensor:
         """Self-attention over x, or (with ``context``) cross-attention of x over context; ``core``
-        replaces the attention core (q, k, v) -> o for the cross-attention (the fused kernel)."""
+        replaces the attention core (q, k, v) -> o for the cross-attention (the fused kernel);
+        ``absorbed`` computes the cross-attention without K and V (:meth:`_absorbed_cross`)."""
+        if context is not None and absorbed:
+            return self._absorbed_cross(x, context)
         if context is not None:
             w = self.width
             q = self.split_heads(self.project(x, 0))                   # N × H × n × d

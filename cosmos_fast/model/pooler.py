@@ -37,8 +37,9 @@ class CrossAttentionPooler(nn.Module):
         self.ln_q = LayerNorm(d_model)
         self.ln_k = LayerNorm(context_dim)
 
-    def forward(self, context: torch.Tensor, queries: torch.Tensor, core=None) -> torch.Tensor:
-        """``core``: an alternative attention core (q, k, v) -> o, e.g. the fused Triton kernel."""
+    def forward(self, context: torch.Tensor, queries: torch.Tensor, core=None, absorbed: bool = False) -> torch.Tensor:
+        """``core``: an alternative attention core (q, k, v) -> o, e.g. the fused Triton kernel;
+        ``absorbed``: attend without forming K and V (see ``PackedAttention._absorbed_cross``)."""
         if context.dim() != 3 or queries.dim() != 3:
             raise ValueError(f"context must be (B, L, Dc) and queries (B, n, D); got "
                              f"{tuple(context.shape)} and {tuple(queries.shape)}")
@@ -47,4 +48,4 @@ class CrossAttentionPooler(nn.Module):
         if context.shape[-1] != self.d_model or queries.shape[-1] != self.d_model:
             raise ValueError(f"pooler width is {self.d_model}; got context width {context.shape[-1]} "
                              f"and query width {queries.shape[-1]}")
-        return self.attn(self.ln_q(queries), context=self.ln_k(context), core=core)
+        return self.attn(self.ln_q(queries), context=self.ln_k(context), core=core, absorbed=absorbed)

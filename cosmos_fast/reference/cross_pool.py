@@ -16,7 +16,8 @@ def pool_repeat(pooler, context: torch.Tensor, queries: torch.Tensor) -> torch.T
     context: (B, L, Dc); queries: (B, n, D). Returns (B, n, D), before the residual add.
     """
     b, n, d = queries.shape
-    ctx = pooler.ln_k(context).repeat(n, 1, 1)                       # (n·B) × L × Dc, query-major
+    # the official order (cosmos_method.md §1.6): repeat the raw context, then LN_k on every copy
+    ctx = pooler.ln_k(context.repeat(n, 1, 1))                       # (n·B) × L × Dc, query-major
     q = pooler.ln_q(queries.transpose(0, 1).reshape(n * b, 1, d))     # (n·B) × 1 × D
     a = pooler.attn
     out, _ = F.multi_head_attention_forward(
