@@ -27,8 +27,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class ModelSection:
     name: str = _f("ViT-B-16", "model config: ViT-B-16, ViT-B-32, tiny, or an open_clip ViT config name")
-    pool_impl: str = _f("auto", "cross-attention pooling implementation (see cosmos_fast.ops)")
-    loss_impl: str = _f("auto", "contrastive loss implementation (see cosmos_fast.ops)")
+    pool_impl: str = _f("auto", "cross-attention pooling: auto, fused (Triton), absorbed (no K/V), shared (K/V "
+                        "once per sample) or reference (see cosmos_fast.ops)")
+    loss_impl: str = _f("auto", "contrastive loss: auto, fused (Triton), blockwise or reference (see cosmos_fast.ops)")
     attention: str = _f("sdpa", "attention backend of both towers: auto, sdpa, math, flash, xformers")
     grad_checkpointing: bool = _f(False, "recompute transformer blocks in backward to save memory")
 
@@ -247,6 +248,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
 
     from .data.captions import MODES, STRING_FIELD_POLICIES
     from .data.loader import WORKER_START_METHODS
+    from .ops import CONTRASTIVE_IMPLS, CROSS_POOL_IMPLS
     from .data.loader import expand_shards
     from .model.config import resolve_model_config
 
@@ -262,6 +264,8 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
     _choice("data.worker_start", d.worker_start, WORKER_START_METHODS)
+    _choice("model.pool_impl", cfg.model.pool_impl, ("auto",) + CROSS_POOL_IMPLS)
+    _choice("model.loss_impl", cfg.model.loss_impl, ("auto",) + CONTRASTIVE_IMPLS)
     _choice("ema.schedule", e.schedule, ("fixed", "cosine"))
     _choice("ema.order", e.order, ("before_step", "after_step"))
     _choice("train.precision", t.precision, ("fp32", "amp_bf16", "amp_fp16"))

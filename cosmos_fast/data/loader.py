@@ -26,7 +26,9 @@ its shard and key, and skipped. A truncated or unreadable tar is logged and the 
 
 Worker processes start with ``forkserver`` by default (``data.worker_start``): they fork from a
 clean single-threaded server instead of from the training process, whose thread pools (OpenMP,
-gloo, DALI, CUDA) a plain ``fork`` copies in an undefined state. ``fork`` remains available.
+gloo, DALI, CUDA) a plain ``fork`` copies in an undefined state. ``fork`` remains available. As with
+any forkserver/spawn program, a script of your own that iterates a loader needs the
+``if __name__ == "__main__":`` guard (workers re-import the main module).
 """
 from __future__ import annotations
 
