@@ -188,8 +188,8 @@ def count_flops_per_sample(model: str, image_size: int | None = None) -> float:
 
     mcfg = resolve_model_config(model)
     size = image_size or mcfg.vision_cfg.image_size
-    student = create_model(model, pool_impl="shared")
-    p = TrainPath("fast", student, build_teacher(student), "shared", "blockwise", torch.device("cpu"), None)
+    student = create_model(model, pool_impl="absorbed")
+    p = TrainPath("fast", student, build_teacher(student), "absorbed", "blockwise", torch.device("cpu"), None)
     batch = make_batch(1, size, 96 if size >= 224 else size // 2, mcfg.text_cfg.vocab_size, mcfg.text_cfg.context_length)
     return float(count_flops(p, batch)["flops_step"])
 

@@ -45,7 +45,7 @@ def test_bench_train_tiny_writes_breakdown_and_mfu(tmp_path):
     rows = _read(out["csv"])
     assert Path(out["csv"]).parent == tmp_path / "train"
     assert [r["path"] for r in rows] == ["reference", "fast"]
-    assert rows[0]["pool_impl"] == "reference" and rows[1]["pool_impl"] == "shared"
+    assert rows[0]["pool_impl"] == "reference" and rows[1]["pool_impl"] == "absorbed"
     assert rows[1]["loss_impl"] == "blockwise"
     for r in rows:
         for ph in PHASES:
