@@ -240,16 +240,24 @@ def _max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+def _absorbed(pooler, context, queries):
+    return cross_pool(pooler, context, queries, impl="absorbed")
+
+
+GPU_PATHS = [pytest.param(cross_pool_fused, id="fused"), pytest.param(_absorbed, id="absorbed")]
+
+
 @needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("b,length,n,d,heads", GPU_CASES)
-def test_gpu_fp32_equals_official(b, length, n, d, heads):
+def test_gpu_fp32_equals_official(b, length, n, d, heads, path):
     ours, official = _make(d, heads, device="cuda")
     official = official.cuda()
     ctx, q, w = _inputs(b, length, n, d, device="cuda")
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        out, grads = _features_and_grads(cross_pool_fused, ours, ctx, q, w)
+        out, grads = _features_and_grads(path, ours, ctx, q, w)
         ref, ref_grads = _features_and_grads(official_features, official.double(), ctx.double(),
                                              q.double(), w.double())
     finally:
@@ -261,8 +269,9 @@ def test_gpu_fp32_equals_official(b, length, n, d, heads):
 
 
 @needs_cuda
+@pytest.mark.parametrize("path", GPU_PATHS)
 @pytest.mark.parametrize("b,length,n,d,heads", GPU_CASES)
-def test_gpu_bf16_error_within_twice_torch_bf16(b, length, n, d, heads):
+def test_gpu_bf16_error_within_twice_torch_bf16(b, length, n, d, heads, path):
     """Kernel error vs an fp32 reference ≤ 2× the error of the bf16 torch path (+ a small floor)."""
     ours, official = _make(d, heads, device="cuda")
     ours_bf16 = ours.to(torch.bfloat16)
@@ -277,7 +286,7 @@ def test_gpu_bf16_error_within_twice_torch_bf16(b, length, n, d, heads):
         ref, ref_g = _features_and_grads(official_features, official_fp32, ctx.float(), q.float(), w)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    out, g = _features_and_grads(cross_pool_fused, ours_bf16, ctx, q, w)
+    out, g = _features_and_grads(path, ours_bf16, ctx, q, w)
     base, base_g = _features_and_grads(official_features, official_bf16, ctx, q, w)
     assert out.dtype == torch.bfloat16
     for name, got, torch_path, want in [("features", out, base, ref)] + [
