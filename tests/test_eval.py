@@ -393,6 +393,13 @@ def test_evaluate_model_equals_brute_force(data, student, student_results):
     assert_metrics(res["sun397"], want)
 
 
+def test_image_loading_workers_give_the_same_results(data, student, student_results):
+    """Two forkserver image workers (the default start method) give exactly the in-process results."""
+    res = evaluate_model(student, retrieval_root=data["retrieval"], retrieval_sets=("coco",), batch_size=3,
+                         num_workers=2, progress=False)
+    assert res["coco"] == student_results["coco"]
+
+
 def test_zero_shot_classifier_equals_brute_force(teacher):
     from open_clip import OPENAI_IMAGENET_TEMPLATES
 
