@@ -111,8 +111,10 @@ def _close(a, b, what, lr=2e-3, steps=STEPS):
         assert worst <= 2 * lr * steps, f"{what} {k}: max abs diff {worst:.3e}"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_equals_one_process(data, tmp_path, single, stage):
+@pytest.mark.parametrize("stage,pool", [(0, "auto"), (1, "auto"), (2, "auto"), (3, "auto"), (3, "absorbed")])
+def test_zero_stage_equals_one_process(data, tmp_path, single, stage, pool):
+    """pool=absorbed: the K/V-free pooler under ZeRO-3 (weights gathered in the module's forward)
+    against the one-process run with the default (shared K/V) pooler of the tiny model."""
     import copy
 
     ref = copy.deepcopy(single)
@@ -124,7 +126,8 @@ def test_zero_stage_equals_one_process(data, tmp_path, single, stage):
         t.train_step(b)
     ref["student"], ref["teacher"] = t.student.state_dict(), t.teacher.state_dict()
     t.close()
-    results = run_ranks(tmp_path / "ds", data, [f"distributed.zero_stage={stage}", "distributed.grad_semantics=exact"])
+    results = run_ranks(tmp_path / "ds", data, [f"distributed.zero_stage={stage}", "distributed.grad_semantics=exact",
+                                                f"model.pool_impl={pool}"])
     for res in results:
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref["losses"][:STEPS]),
                                    rtol=1e-5, atol=1e-6)
