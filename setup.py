@@ -37,6 +37,7 @@ setup(
             "webdataset==1.0.2",
             "deepspeed==0.19.8",
             "nvidia-dali-cuda130==2.4.0",
+            "numba==0.68.1",          # DALI CPU pipeline: the bit-exact PIL hue kernel (optional elsewhere)
         ],
         # DALI for the cluster's CUDA major (A100 clusters: CUDA 12)
         "dali": ["nvidia-dali-cuda120"],

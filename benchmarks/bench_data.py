@@ -7,8 +7,10 @@ Shards of synthetic photos (JPEG, 500×375 by default, with DreamLIP json) are w
 writer (validated DALI indexes). Providers:
 
 * ``torchvision``: :class:`WebDatasetLoader` with ``--threads`` worker processes (1 torch thread each);
-* ``dali``: :class:`DaliWebDatasetLoader` with ``--threads`` DALI threads, exact PIL hue (default graph);
-* ``dali-linear-hue``: the same with ``hue_mode="linear"`` (``fn.hsv``; faster on CPU, approximate hue).
+* ``dali``: :class:`DaliWebDatasetLoader` with ``--threads`` DALI threads, ``hue_mode="exact"`` (the
+  default graph: on the CPU PIL's hue bit for bit with the Numba kernel, when numba is installed);
+* ``dali-float-hue``: ``hue_mode="float"`` (the HSV shift in DALI arithmetic, as on the GPU);
+* ``dali-linear-hue``: ``hue_mode="linear"`` (``fn.hsv``; approximate hue).
 
 Every loader yields the full COSMOS batch (2×224 + 6×96 crops, 8 tokenised captions per sample). First
 each provider's batch layout is checked against the torchvision one, then each is timed over
@@ -65,7 +67,7 @@ def make_loader(provider: str, spec: StreamSpec, device: str):
         return WebDatasetLoader(spec)
     from cosmos_fast.data.dali_loader import DaliWebDatasetLoader
 
-    hue = "linear" if provider == "dali-linear-hue" else "exact"
+    hue = {"dali-linear-hue": "linear", "dali-float-hue": "float"}.get(provider, "exact")
     return DaliWebDatasetLoader(spec, device=device, num_threads=spec.num_workers, hue_mode=hue)
 
 
@@ -100,7 +102,7 @@ def check_layout(ref: dict, batch: dict, provider: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--providers", nargs="+", default=["torchvision", "dali", "dali-linear-hue"])
+    p.add_argument("--providers", nargs="+", default=["torchvision", "dali", "dali-float-hue", "dali-linear-hue"])
     p.add_argument("--device", default="cpu", help="DALI output device: cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torchvision workers = DALI threads")
     p.add_argument("--batch-size", type=int, default=32)

@@ -18,6 +18,7 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
 
 from cosmos_fast.data import dali_loader as dl  # noqa: E402
+from cosmos_fast.data import pil_hue  # noqa: E402
 from cosmos_fast.data.backends import build_loader  # noqa: E402
 from cosmos_fast.data.captions import Tokenizer  # noqa: E402
 from cosmos_fast.data.loader import WebDatasetLoader  # noqa: E402
@@ -120,8 +121,13 @@ def _run_ops(images, factor, turns):
         x = fn.external_source(source=lambda: images, layout="HWC", batch=True)
         f = fn.external_source(source=lambda: [np.float32(factor)] * len(images), batch=True)
         t = fn.external_source(source=lambda: [np.float32(turns)] * len(images), batch=True)
-        return (dl._brightness(x, f), dl._contrast(x, f, False), dl._saturation(x, f), dl._grayscale(x),
+        outs = (dl._brightness(x, f), dl._contrast(x, f, False), dl._saturation(x, f), dl._grayscale(x),
                 dl._hue(x, t, False), dl._solarize(x), fn.gaussian_blur(x, sigma=f))
+        if pil_hue.available():
+            shift = fn.external_source(source=lambda: [np.array([round(turns * 256) % 256], np.int32)] * len(images),
+                                       batch=True)
+            outs += (dl._hue_pil(x, shift),)
+        return outs
     pipe = ops()
     pipe.build()
     return [[np.asarray(out[i]).astype(int) for i in range(len(images))] for out in pipe.run()]
@@ -144,16 +150,48 @@ def test_ops_match_pil(factor, hue):
                 "grayscale": TF.rgb_to_grayscale(pil, 3), "hue": TF.adjust_hue(pil, hue),
                 "solarize": ImageOps.solarize(pil, 128),
                 "blur": pil.filter(ImageFilter.GaussianBlur(factor))}
+        if pil_hue.available():
+            refs["hue_pil"] = refs["hue"]
         for (name, ref), out in zip(refs.items(), outs):
             diff = np.abs(out[i] - np.asarray(ref).astype(int))
             print(name, i, "max", diff.max(), "mean", diff.mean())
             # exact up to rounding (saturation rounds where PIL truncates); hue up to PIL's 8-bit HSV;
             # blur: PIL's 3-box approximation of a Gaussian
-            max_diff, mean_diff = {"saturation": (1, 0.75), "hue": (16, 1.5), "blur": (12, 1.5)}.get(name, (1, 0.1))
+            # the Numba hue kernel: PIL's result bit for bit
+            max_diff, mean_diff = {"saturation": (1, 0.75), "hue": (16, 1.5), "blur": (12, 1.5),
+                                   "hue_pil": (0, 0)}.get(name, (1, 0.1))
             assert diff.max() <= max_diff and diff.mean() <= mean_diff, name
 
 
-def test_color_jitter_order_matches_pil():
+@pytest.mark.parametrize("hue", [0.1, -0.003, -0.1], ids=["up", "tiny-down", "down"])
+def test_pil_hue_kernel_is_bit_exact_on_every_colour(hue):
+    """The Numba kernel equals torchvision's adjust_hue on PIL for all 2^24 RGB colours."""
+    pytest.importorskip("numba")
+    codes = np.arange(2 ** 24, dtype=np.uint32)
+    img = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    got = pil_hue.adjust_hue(img, int(np.int8(hue * 255)))
+    want = np.asarray(TF.adjust_hue(Image.fromarray(img), hue))
+    assert np.array_equal(got, want), int((got != want).any(-1).sum())
+
+
+def test_hue_mode_resolution_and_fallback(monkeypatch, caplog):
+    assert dl.resolve_hue_mode("exact", gpu=True) == "float"          # the GPU graph: DALI arithmetic
+    assert dl.resolve_hue_mode("linear", gpu=False) == "linear"
+    assert dl.resolve_hue_mode("float", gpu=False) == "float"
+    with pytest.raises(ValueError, match="hue_mode"):
+        dl.resolve_hue_mode("pil", gpu=False)
+    if pil_hue.available():
+        assert dl.resolve_hue_mode("exact", gpu=False) == "pil"
+    monkeypatch.setattr(pil_hue, "available", lambda: False)
+    monkeypatch.setattr(dl, "_WARNED_NO_NUMBA", [])
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_loader"):
+        assert dl.resolve_hue_mode("exact", gpu=False) == "float"
+        assert dl.resolve_hue_mode("exact", gpu=False) == "float"
+    assert caplog.text.count("numba is not installed") == 1
+
+
+@pytest.mark.parametrize("hue_mode", ["exact", "float"])
+def test_color_jitter_order_matches_pil(hue_mode):
     """With given factors, each of several orders equals torchvision's ops applied in that order."""
     rng = np.random.default_rng(2)
     images = [np.asarray(make_scene(rng, 40)[0]) for _ in range(2)]
@@ -171,7 +209,7 @@ def test_color_jitter_order_matches_pil():
             return fn.external_source(source=lambda: [np.array(v, dtype=dtype)] * n, batch=True)
         params = {"brightness": const(b), "contrast": const(c), "saturation": const(sat), "hue": const(hue),
                   "order": fn.external_source(source=lambda: [np.array(o, np.int32) for o in order_of], batch=True)}
-        return dl._color_jitter(x, params, False, "exact")
+        return dl._color_jitter(x, params, False, hue_mode)
     pipe = jitter()
     pipe.build()
     out = pipe.run()[0]

@@ -20,8 +20,10 @@ the crops of cosmos_method.md §4.4, every random choice drawn per crop:
   blend with the rounded mean luma, ``fn.brightness_contrast`` on CPU, arithmetic on GPU (≤ 1 level);
   saturation s~U[.8,1.2] ``fn.hsv(saturation=s)``, the same linear map as PIL's blend with gray (≤ 1
   level, rounding); hue h~U[−.1,.1] shifts H of HSV by int8(255h)/256 of a turn as torchvision does:
-  ``hue_mode="exact"`` computes that shift in elementwise arithmetic (PIL's 8-bit HSV rounding is the
-  only difference), ``"linear"`` uses ``fn.hsv`` (a rotation about the gray axis: approximate, cheaper).
+  ``hue_mode="exact"`` is PIL's result bit for bit on the CPU (a Numba kernel of Pillow's 8-bit HSV
+  round trip, :mod:`.pil_hue`; needs numba) and on the GPU the same shift in elementwise float
+  arithmetic (``"float"``; PIL's 8-bit HSV rounding is the only difference), ``"linear"`` uses
+  ``fn.hsv`` (a rotation about the gray axis: approximate, cheaper).
 * Grayscale p .2: ``fn.color_space_conversion`` to GRAY (.299/.587/.114), 3 channels (≤ 1 level).
 * Gaussian blur p 1 / .1 / .5 (global 1 / global 2 / local), PIL radius r~U[.1,2]: ``fn.gaussian_blur
   (sigma=r)``; PIL's radius *is* the standard deviation. PIL approximates the Gaussian with 3 box
@@ -73,17 +75,17 @@ webdataset's ``gopen`` knows) are copied into ``cache_dir`` with ``retries`` att
 completeness and indexed there; a shard that cannot be fetched is counted as ``bad_shard`` and skipped.
 
 Speed. On DALI's CPU backend the per-pixel kernels are slower than PIL's. On 2 CPU threads, at B = 32
-(benchmarks/bench_data.py): torchvision 128 images/s, this backend 43 with the exact hue, 90 with
-``hue_mode="linear"``. Decoding alone runs at ~2,000 images/s, and decoding plus the 8 cubic,
-antialiased resizes at ~300. The exact hue (~60 elementwise passes) costs ~14 ms per image, and
-contrast + saturation ~3 ms. The point of this backend is the CUDA path, where decoding and every op
-run on the GPU and the batch is already on the device.
+(benchmarks/bench_data.py): torchvision 130 images/s, this backend 90.5 with the exact (Numba) hue, 44
+with ``hue_mode="float"`` (~60 elementwise passes), 89 with ``"linear"``. Decoding alone runs at
+~2,000 images/s, decoding plus the 8 cubic antialiased resizes at ~300. The point of this backend is
+the CUDA path, where decoding and every op run on the GPU and the batch is already on the device.
 
 Tested on the DALI 2.4 CPU backend; the CUDA path (mixed decode, GPU ops) is the same graph but has
 not been run on a GPU.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -107,7 +109,7 @@ from .transforms import OPENAI_MEAN, OPENAI_STD
 log = logging.getLogger(__name__)
 
 _JITTER_ORDERS = list(itertools.permutations(range(4)))      # torchvision ColorJitter: randperm(4)
-HUE_MODES = ("exact", "linear")
+HUE_MODES = ("exact", "float", "linear")
 _MAX_BAD_RUNS = 20
 _LOG_PER_REASON = 10
 
@@ -125,6 +127,28 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+_WARNED_NO_NUMBA: list = []
+
+
+def resolve_hue_mode(hue_mode: str, gpu: bool) -> str:
+    """The hue implementation the graph uses: ``pil`` (bit-exact Numba kernel, CPU), ``float`` (HSV shift
+    in DALI arithmetic: PIL's 8-bit HSV rounding is the difference) or ``linear`` (``fn.hsv``).
+    ``exact`` is ``pil`` on DALI's CPU backend when Numba imports, ``float`` otherwise."""
+    from . import pil_hue
+
+    if hue_mode not in HUE_MODES:
+        raise ValueError(f"hue_mode must be one of {HUE_MODES}, got {hue_mode!r}")
+    if hue_mode != "exact":
+        return hue_mode
+    if not gpu and pil_hue.available():
+        return "pil"
+    if not gpu and not _WARNED_NO_NUMBA:
+        _WARNED_NO_NUMBA.append(True)
+        log.warning("numba is not installed: the DALI CPU pipeline computes the hue shift in float arithmetic "
+                    "(up to PIL's 8-bit HSV rounding from torchvision; pip install numba for the exact kernel)")
+    return "float"
 
 
 # ------------------------------------------------------------------------------ augmentation graph
@@ -227,6 +251,29 @@ def _hue(img, turns, gpu: bool):
     return fn.cast(dmath.floor(out + 0.5), dtype=types.UINT8)
 
 
+@functools.lru_cache(maxsize=None)
+def _hue_pil_op():
+    """One Numba operator object per process: its kernel compiles once (~1 s), and every crop and
+    jitter slot of every pipeline calls the same object."""
+    from nvidia.dali import types
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    from . import pil_hue
+
+    run_fn, setup_fn, _ = pil_hue.kernels()
+    return NumbaFunction(device="cpu", run_fn=run_fn, setup_fn=setup_fn, out_types=[types.UINT8],
+                         in_types=[types.UINT8, types.INT32], outs_ndim=[3], ins_ndim=[3, 1],
+                         batch_processing=False)
+
+
+def _hue_pil(img, shift):
+    """torchvision adjust_hue on PIL, bit-exact (:mod:`.pil_hue`): one Numba pass per pixel, CPU only.
+    ``shift``: per-sample int32 of shape (1,), the uint8 added to PIL's H channel."""
+    from nvidia.dali import fn
+
+    return fn.reshape(_hue_pil_op()(img, shift), layout="HWC")
+
+
 def _jitter_params():
     """torchvision ColorJitter.get_params: factors b, c, s ~ U, hue ~ U[-0.1, 0.1], a random order."""
     from nvidia.dali import fn, types
@@ -241,17 +288,24 @@ def _color_jitter(img, params: dict, gpu: bool, hue_mode: str = "exact"):
     """ColorJitter(0.4, 0.4, 0.2, 0.1) with torchvision's random order of the four ops: slot k applies
     op ``_JITTER_ORDERS[order][k]`` (0 brightness, 1 contrast, 2 saturation, 3 hue).
 
-    ``hue_mode="exact"`` shifts H in HSV as PIL does (~60 elementwise ops); ``"linear"`` uses
-    ``fn.hsv`` (one op: a rotation about the gray axis, which only approximates the HSV shift)."""
+    ``hue_mode`` (see :func:`resolve_hue_mode`): ``exact`` is PIL's hue shift bit for bit on the CPU
+    (Numba) and the float HSV shift on the GPU (~60 elementwise ops); ``float`` forces the latter;
+    ``linear`` uses ``fn.hsv`` (one op: a rotation about the gray axis, which only approximates it)."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
     # torchvision adds int8(hue · 255) to PIL's 8-bit H channel (256 steps per turn)
     steps = params["hue"] * 255.0
-    turns = dmath.floor(dmath.abs(steps)) * ((steps >= 0) * 2 - 1) / 256.0
+    whole = dmath.floor(dmath.abs(steps)) * ((steps >= 0) * 2 - 1)           # int8(): toward zero
+    turns = whole / 256.0
+    impl = resolve_hue_mode(hue_mode, gpu)
+    if impl == "pil":
+        shift = fn.reshape(fn.cast(whole + 256.0 * (whole < 0), dtype=types.INT32), shape=[1])
 
     def hue_op(x):
-        return _hue(x, turns, gpu) if hue_mode == "exact" else fn.hsv(x, hue=turns * 360.0)
+        if impl == "pil":
+            return _hue_pil(x, shift)
+        return _hue(x, turns, gpu) if impl == "float" else fn.hsv(x, hue=turns * 360.0)
 
     for slot in range(4):
         op = fn.lookup_table(params["order"], keys=list(range(len(_JITTER_ORDERS))),
@@ -428,7 +482,8 @@ class DaliWebDatasetLoader:
         retries: attempts to fetch a remote shard.
         caption_workers: processes for caption sampling + tokenisation (0 = in this process).
         prefetch: DALI prefetch queue depth.
-        hue_mode: ``exact`` (PIL's HSV hue shift) or ``linear`` (``fn.hsv``, faster on CPU, approximate).
+        hue_mode: ``exact`` (PIL's hue shift: bit-exact with Numba on the CPU, float HSV arithmetic on the
+            GPU), ``float`` (the float HSV arithmetic) or ``linear`` (``fn.hsv``, cheaper, approximate).
     """
 
     def __init__(self, spec: StreamSpec, device="auto", num_threads: int | None = None, index_dir=None,
@@ -451,9 +506,8 @@ class DaliWebDatasetLoader:
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "cosmos_fast" / "shards"
         self.validate, self.retries, self.prefetch = validate, retries, prefetch
         self.caption_workers = caption_workers
-        if hue_mode not in HUE_MODES:
-            raise ValueError(f"hue_mode must be one of {HUE_MODES}, got {hue_mode!r}")
         self.hue_mode = hue_mode
+        self._hue_impl = resolve_hue_mode(hue_mode, self.device.type == "cuda")     # validates it
         self._pool = None
         self.epoch = 0
         self.consumed = 0
@@ -541,7 +595,7 @@ class DaliWebDatasetLoader:
 
     def _graph_signature(self) -> str:
         s = self.spec
-        return (f"v1 {self.device.type} hue-{self.hue_mode} B{s.batch_size} g{s.global_size} "
+        return (f"v1 {self.device.type} hue-{self._hue_impl} B{s.batch_size} g{s.global_size} "
                 f"l{s.local_size}x{s.n_local} s{s.crop_scale} buf{s.shuffle_buffer} world{s.world} "
                 f"rank{s.rank} seed{s.seed} res{int(s.resampled)} n{len(s.shards)}")
 
