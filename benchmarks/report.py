@@ -148,6 +148,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, png: Path, ax=None, bench: str = "", row: dict | None = None) -> bool:
+    """Title ``bench — device (date, commit)`` on ``ax`` when given, then write the PNG and close."""
+    if ax is not None:
+        ax.set_title(f"{bench} — {row['device']} ({row['date']}, {row['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _case(r: dict, cols: list[str]) -> str:
     return " ".join(f"{r[c]}" for c in cols if r.get(c, "") != "")
 
@@ -168,11 +178,7 @@ def plot_ratio(rows: list[dict], bench: str, png: Path) -> bool:
     ax.set_xticks(range(len(sel)))
     ax.set_xticklabels([_case(r, label_cols) for r in sel], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel(ratio)
-    ax.set_title(f"{bench} — {sel[0]['device']} ({sel[0]['date']}, {sel[0]['commit']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, png, ax, bench, sel[0])
 
 
 def plot_phases(rows: list[dict], bench: str, png: Path) -> bool:
@@ -194,11 +200,7 @@ def plot_phases(rows: list[dict], bench: str, png: Path) -> bool:
     ax.set_xticklabels([_case(r, label_cols) for r in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("% of step (phase means)")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"{bench} — {rows[0]['device']} ({rows[0]['date']}, {rows[0]['commit']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, png, ax, bench, rows[0])
 
 
 def plot_comm(rows: list[dict], bench: str, png: Path) -> bool:
@@ -219,11 +221,7 @@ def plot_comm(rows: list[dict], bench: str, png: Path) -> bool:
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("wire MiB per step (rank 0)")
     ax.legend(fontsize=7)
-    ax.set_title(f"{bench} — {rows[0]['device']} ({rows[0]['date']}, {rows[0]['commit']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, png, ax, bench, rows[0])
 
 
 def plot_scaling(csv_path, png) -> bool:
@@ -256,10 +254,7 @@ def plot_scaling(csv_path, png) -> bool:
     if rows:
         fig.suptitle(f"scaling — {rows[0]['device']} ({rows[0]['date']}, {rows[0]['commit']}); "
                      "solid: no overlap, dashed: overlap; o 4×HDR, s 8×HDR", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, png)
 
 
 def make_plot(bench: str, rows: list[dict], csv_path: Path) -> Path | None:
