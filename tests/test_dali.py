@@ -123,10 +123,6 @@ def _run_ops(images, factor, turns):
         t = fn.external_source(source=lambda: [np.float32(turns)] * len(images), batch=True)
         outs = (dl._brightness(x, f), dl._contrast(x, f, False), dl._saturation(x, f), dl._grayscale(x),
                 dl._hue(x, t, False), dl._solarize(x), fn.gaussian_blur(x, sigma=f))
-        if pil_hue.available():
-            shift = fn.external_source(source=lambda: [np.array([round(turns * 256) % 256], np.int32)] * len(images),
-                                       batch=True)
-            outs += (dl._hue_pil(x, shift),)
         return outs
     pipe = ops()
     pipe.build()
@@ -150,28 +146,13 @@ def test_ops_match_pil(factor, hue):
                 "grayscale": TF.rgb_to_grayscale(pil, 3), "hue": TF.adjust_hue(pil, hue),
                 "solarize": ImageOps.solarize(pil, 128),
                 "blur": pil.filter(ImageFilter.GaussianBlur(factor))}
-        if pil_hue.available():
-            refs["hue_pil"] = refs["hue"]
         for (name, ref), out in zip(refs.items(), outs):
             diff = np.abs(out[i] - np.asarray(ref).astype(int))
             print(name, i, "max", diff.max(), "mean", diff.mean())
             # exact up to rounding (saturation rounds where PIL truncates); hue up to PIL's 8-bit HSV;
             # blur: PIL's 3-box approximation of a Gaussian
-            # the Numba hue kernel: PIL's result bit for bit
-            max_diff, mean_diff = {"saturation": (1, 0.75), "hue": (16, 1.5), "blur": (12, 1.5),
-                                   "hue_pil": (0, 0)}.get(name, (1, 0.1))
+            max_diff, mean_diff = {"saturation": (1, 0.75), "hue": (16, 1.5), "blur": (12, 1.5)}.get(name, (1, 0.1))
             assert diff.max() <= max_diff and diff.mean() <= mean_diff, name
-
-
-@pytest.mark.parametrize("hue", [0.1, -0.003, -0.1], ids=["up", "tiny-down", "down"])
-def test_pil_hue_kernel_is_bit_exact_on_every_colour(hue):
-    """The Numba kernel equals torchvision's adjust_hue on PIL for all 2^24 RGB colours."""
-    pytest.importorskip("numba")
-    codes = np.arange(2 ** 24, dtype=np.uint32)
-    img = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
-    got = pil_hue.adjust_hue(img, int(np.int8(hue * 255)))
-    want = np.asarray(TF.adjust_hue(Image.fromarray(img), hue))
-    assert np.array_equal(got, want), int((got != want).any(-1).sum())
 
 
 def test_hue_mode_resolution_and_fallback(monkeypatch, caplog):
@@ -190,9 +171,9 @@ def test_hue_mode_resolution_and_fallback(monkeypatch, caplog):
     assert caplog.text.count("numba is not installed") == 1
 
 
-@pytest.mark.parametrize("hue_mode", ["exact", "float"])
-def test_color_jitter_order_matches_pil(hue_mode):
-    """With given factors, each of several orders equals torchvision's ops applied in that order."""
+def test_color_jitter_order_matches_pil(hue_mode="float"):
+    """The operator graph's jitter (the GPU path): with given factors, each of several orders is close
+    to torchvision's ops applied in that order."""
     rng = np.random.default_rng(2)
     images = [np.asarray(make_scene(rng, 40)[0]) for _ in range(2)]
     orders = [0, 7, 16, 23]
@@ -256,12 +237,14 @@ def scenes(tmp_path_factory):
 KINDS = ("global1", "global2", "local")
 
 
-@pytest.fixture(scope="module")
-def dali_params(scenes):
-    """DALI crops and their random parameters (build_pipeline(debug=True)), per crop kind."""
+@pytest.fixture(scope="module", params=["exact", "float"])
+def dali_params(scenes, request):
+    """DALI crops and their random parameters (build_pipeline(debug=True)), per crop kind: the exact
+    CPU path (the fused kernel) and the operator graph (what the GPU runs)."""
     path, _ = scenes
     pipe = dl.build_pipeline([path], [str(index_path(path))], 40, global_size=32, local_size=16, crop_scale=0.4,
-                             n_local=6, shuffle_buffer=1, seed=3, reader_seed=4, num_threads=2, debug=True)
+                             n_local=6, shuffle_buffer=1, seed=3, reader_seed=4, num_threads=2, debug=True,
+                             hue_mode=request.param)
     params, pixels = defaultdict(list), defaultdict(list)
     for _ in range(N_IMAGES // 40):
         out = pipe.run()
@@ -351,6 +334,55 @@ def test_crop_pixels_match_torchvision(dali_params, torchvision_params, kind):
     for c in range(3):                                          # channel means: colour ops agree too
         dist = ks(d[:, c].mean(axis=(1, 2)), t[:, c].mean(axis=(1, 2)))
         assert dist < ks_limit(len(d), len(t)), c
+
+
+@pytest.fixture(scope="module")
+def jpeg_scenes(tmp_path_factory):
+    """24 JPEG photos of different sizes (so each sample is identified by its size), in one shard."""
+    rng = np.random.default_rng(5)
+    path = tmp_path_factory.mktemp("jpeg") / "jpeg.tar"
+    images = []
+    with tarfile.open(path, "w") as tf:
+        for i in range(24):
+            size = (int(rng.integers(40, 160)), int(rng.integers(40, 160)))
+            buf = io.BytesIO()
+            img, rec = make_scene(rng, max(size))
+            img.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=int(rng.choice([70, 90])),
+                                                 subsampling=int(rng.choice([0, 2])))
+            images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+            rec = json.dumps(rec).encode()
+            for name, data in ((f"j{i:03d}.jpg", buf.getvalue()), (f"j{i:03d}.json", rec)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    write_index(path)
+    return str(path), images
+
+
+def test_exact_cpu_pipeline_equals_torchvision_crops(jpeg_scenes):
+    """The whole DALI CPU pipeline (decode + fused kernel) gives, for the random parameters it drew,
+    exactly the crops torchvision makes from the PIL-decoded JPEG with those parameters (the kernel
+    equals torchvision's functions: tests/test_pil_crop.py)."""
+    pytest.importorskip("numba")
+    from cosmos_fast.data.pil_crop import PARAM_FIELDS, augment_crop
+
+    path, images = jpeg_scenes
+    pipe = dl.build_pipeline([path], [str(index_path(path))], 12, global_size=48, local_size=20, crop_scale=0.4,
+                             n_local=6, shuffle_buffer=1, seed=11, reader_seed=2, num_threads=2, debug=True)
+    checked = Counter()
+    for run in range(2):
+        out = pipe.run()
+        crops, debug = out[:8], out[9:]
+        for i in range(12):
+            img = images[run * 12 + i]                   # no shuffling: the shard's order
+            for j in range(8):
+                p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+                assert (p["img_h"], p["img_w"]) == (img.height, img.width)
+                p["radius"] = p["sigma"]
+                want = augment_crop(np.asarray(img), [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
+                assert np.array_equal(np.asarray(crops[j][i]), want), (run, i, j, p)
+                checked.update(f for f in ("flip", "jitter", "gray", "blur", "solarize") if p[f])
+    assert set(checked) == {"flip", "jitter", "gray", "blur", "solarize"}, checked
 
 
 # ------------------------------------------------------------------------ bad data

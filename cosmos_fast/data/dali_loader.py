@@ -133,9 +133,11 @@ _WARNED_NO_NUMBA: list = []
 
 
 def resolve_hue_mode(hue_mode: str, gpu: bool) -> str:
-    """The hue implementation the graph uses: ``pil`` (bit-exact Numba kernel, CPU), ``float`` (HSV shift
-    in DALI arithmetic: PIL's 8-bit HSV rounding is the difference) or ``linear`` (``fn.hsv``).
-    ``exact`` is ``pil`` on DALI's CPU backend when Numba imports, ``float`` otherwise."""
+    """How the crops are made: ``pil`` (CPU, numba: one fused Numba operator per crop that equals
+    torchvision's PIL pipeline bit for bit, :mod:`.pil_crop`), or the DALI operator graph with the hue
+    shift as ``float`` (HSV shift in DALI arithmetic: PIL's 8-bit HSV rounding is the difference) or
+    ``linear`` (``fn.hsv``). ``exact`` is ``pil`` on DALI's CPU backend when numba imports, ``float``
+    otherwise (the GPU, or no numba: then a warning, once)."""
     from . import pil_hue
 
     if hue_mode not in HUE_MODES:
@@ -146,8 +148,8 @@ def resolve_hue_mode(hue_mode: str, gpu: bool) -> str:
         return "pil"
     if not gpu and not _WARNED_NO_NUMBA:
         _WARNED_NO_NUMBA.append(True)
-        log.warning("numba is not installed: the DALI CPU pipeline computes the hue shift in float arithmetic "
-                    "(up to PIL's 8-bit HSV rounding from torchvision; pip install numba for the exact kernel)")
+        log.warning("numba is not installed: the DALI CPU pipeline uses DALI's operators (close to torchvision's "
+                    "PIL crops, not equal, and slower; pip install numba for the exact fused kernel)")
     return "float"
 
 
@@ -251,29 +253,6 @@ def _hue(img, turns, gpu: bool):
     return fn.cast(dmath.floor(out + 0.5), dtype=types.UINT8)
 
 
-@functools.lru_cache(maxsize=None)
-def _hue_pil_op():
-    """One Numba operator object per process: its kernel compiles once (~1 s), and every crop and
-    jitter slot of every pipeline calls the same object."""
-    from nvidia.dali import types
-    from nvidia.dali.plugin.numba import NumbaFunction
-
-    from . import pil_hue
-
-    run_fn, setup_fn, _ = pil_hue.kernels()
-    return NumbaFunction(device="cpu", run_fn=run_fn, setup_fn=setup_fn, out_types=[types.UINT8],
-                         in_types=[types.UINT8, types.INT32], outs_ndim=[3], ins_ndim=[3, 1],
-                         batch_processing=False)
-
-
-def _hue_pil(img, shift):
-    """torchvision adjust_hue on PIL, bit-exact (:mod:`.pil_hue`): one Numba pass per pixel, CPU only.
-    ``shift``: per-sample int32 of shape (1,), the uint8 added to PIL's H channel."""
-    from nvidia.dali import fn
-
-    return fn.reshape(_hue_pil_op()(img, shift), layout="HWC")
-
-
 def _jitter_params():
     """torchvision ColorJitter.get_params: factors b, c, s ~ U, hue ~ U[-0.1, 0.1], a random order."""
     from nvidia.dali import fn, types
@@ -284,13 +263,13 @@ def _jitter_params():
                              dtype=types.INT32)}
 
 
-def _color_jitter(img, params: dict, gpu: bool, hue_mode: str = "exact"):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) with torchvision's random order of the four ops: slot k applies
-    op ``_JITTER_ORDERS[order][k]`` (0 brightness, 1 contrast, 2 saturation, 3 hue).
+def _color_jitter(img, params: dict, gpu: bool, hue_mode: str = "float"):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) of the operator graph, with torchvision's random order of the four
+    ops: slot k applies op ``_JITTER_ORDERS[order][k]`` (0 brightness, 1 contrast, 2 saturation, 3 hue).
 
-    ``hue_mode`` (see :func:`resolve_hue_mode`): ``exact`` is PIL's hue shift bit for bit on the CPU
-    (Numba) and the float HSV shift on the GPU (~60 elementwise ops); ``float`` forces the latter;
-    ``linear`` uses ``fn.hsv`` (one op: a rotation about the gray axis, which only approximates it)."""
+    The hue shift is ``fn.hsv`` (a rotation about the gray axis, which only approximates it) for
+    ``hue_mode="linear"``, else the float HSV shift (~60 elementwise ops; PIL's 8-bit HSV rounding is
+    the difference). The exact CPU path does not use this graph (:mod:`.pil_crop`)."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
@@ -298,14 +277,9 @@ def _color_jitter(img, params: dict, gpu: bool, hue_mode: str = "exact"):
     steps = params["hue"] * 255.0
     whole = dmath.floor(dmath.abs(steps)) * ((steps >= 0) * 2 - 1)           # int8(): toward zero
     turns = whole / 256.0
-    impl = resolve_hue_mode(hue_mode, gpu)
-    if impl == "pil":
-        shift = fn.reshape(fn.cast(whole + 256.0 * (whole < 0), dtype=types.INT32), shape=[1])
 
     def hue_op(x):
-        if impl == "pil":
-            return _hue_pil(x, shift)
-        return _hue(x, turns, gpu) if impl == "float" else fn.hsv(x, hue=turns * 360.0)
+        return fn.hsv(x, hue=turns * 360.0) if hue_mode == "linear" else _hue(x, turns, gpu)
 
     for slot in range(4):
         op = fn.lookup_table(params["order"], keys=list(range(len(_JITTER_ORDERS))),
@@ -336,43 +310,58 @@ DEBUG_FIELDS = ("y0", "x0", "h", "w", "img_h", "img_w", "flip", "jitter", "gray"
 
 def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: float, gpu: bool,
               hue_mode: str = "exact", debug: bool = False):
-    """One crop of §4.4 from decoded HWC uint8 images whose (H, W, C) is ``shape``."""
+    """One crop of §4.4 from decoded HWC uint8 images whose (H, W, C) is ``shape``.
+
+    The random parameters are drawn here, per crop, by DALI's random operators. With the ``pil`` hue
+    implementation (CPU, numba) one fused operator (:mod:`.pil_crop`) makes the whole crop from them
+    exactly as torchvision does; otherwise each op is a DALI operator, gated by DALI conditionals."""
     from nvidia.dali import fn, types
 
     # torchvision RandomResizedCrop: area ~ U(area)·H·W, ratio log-uniform, 10 tries, then a fallback
     anchor, extent = fn.random_crop_generator(shape, random_area=list(area), num_attempts=10,
                                               random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0])
-    start = fn.cast(anchor, dtype=types.FLOAT)
-    img = fn.resize(images, size=[size, size], roi_start=start, roi_end=start + fn.cast(extent, dtype=types.FLOAT),
-                    interp_type=types.INTERP_CUBIC, antialias=True)
     jitter, gray = _coin(0.8), _coin(0.2)
     blur = _coin(blur_p) if blur_p < 1.0 else None
     solar = _coin(solarize_p) if solarize_p > 0 else None
     flip = fn.random.coin_flip(probability=0.5)
     sigma = fn.random.uniform(range=[0.1, 2.0])            # PIL GaussianBlur radius = standard deviation
     jitter_params = _jitter_params()
-    if jitter:
-        img = _color_jitter(img, jitter_params, gpu, hue_mode)
-    if gray:
-        img = _grayscale(img)
-    if blur is None:
-        img = fn.gaussian_blur(img, sigma=sigma)
-    elif blur:
-        img = fn.gaussian_blur(img, sigma=sigma)
-    if solar is not None:
-        if solar:
-            img = _solarize(img)
-    out = fn.crop_mirror_normalize(img, mirror=flip, output_layout="CHW", dtype=types.FLOAT,
-                                   mean=[255.0 * m for m in OPENAI_MEAN], std=[255.0 * s for s in OPENAI_STD])
-    if not debug:
-        return out, None
 
     def vec(x):
         return fn.reshape(fn.cast(x, dtype=types.FLOAT), shape=[-1])
 
     always, never = flip * 0 + 1, flip * 0               # per-sample constants for ops without a coin
-    params = fn.cat(vec(anchor), vec(extent), vec(shape[0:2]), vec(flip), vec(jitter), vec(gray),
-                    vec(always if blur is None else blur), vec(sigma), vec(never if solar is None else solar),
+    blur_on = always if blur is None else blur
+    solar_on = never if solar is None else solar
+    if resolve_hue_mode(hue_mode, gpu) == "pil":
+        from . import pil_crop
+
+        params = fn.cat(vec(anchor), vec(extent), vec(flip), vec(jitter),
+                        *[vec(jitter_params[k]) for k in ("brightness", "contrast", "saturation", "hue", "order")],
+                        vec(gray), vec(blur_on), vec(sigma), vec(solar_on))          # pil_crop.PARAM_FIELDS
+        out = fn.reshape(pil_crop.dali_op(size)(images, params), layout="CHW")
+    else:
+        start = fn.cast(anchor, dtype=types.FLOAT)
+        img = fn.resize(images, size=[size, size], roi_start=start,
+                        roi_end=start + fn.cast(extent, dtype=types.FLOAT), interp_type=types.INTERP_CUBIC,
+                        antialias=True)
+        if jitter:
+            img = _color_jitter(img, jitter_params, gpu, hue_mode)
+        if gray:
+            img = _grayscale(img)
+        if blur is None:
+            img = fn.gaussian_blur(img, sigma=sigma)
+        elif blur:
+            img = fn.gaussian_blur(img, sigma=sigma)
+        if solar is not None:
+            if solar:
+                img = _solarize(img)
+        out = fn.crop_mirror_normalize(img, mirror=flip, output_layout="CHW", dtype=types.FLOAT,
+                                       mean=[255.0 * m for m in OPENAI_MEAN], std=[255.0 * s for s in OPENAI_STD])
+    if not debug:
+        return out, None
+    params = fn.cat(vec(anchor), vec(extent), vec(shape[0:2]), vec(flip), vec(jitter), vec(gray), vec(blur_on),
+                    vec(sigma), vec(solar_on),
                     *[vec(jitter_params[k]) for k in ("brightness", "contrast", "saturation", "hue", "order")])
     return out, params
 

@@ -1,0 +1,197 @@
+"""The fused Numba crop kernel (the DALI CPU path) equals torchvision's PIL pipeline bit for bit.
+
+1. Under the random draws MultiCropTransform itself made (recorded by spying on the functions it
+   calls), the kernel reproduces its 8 output tensors exactly.
+2. On edge cases the random recipe rarely hits (a pass with unchanged size, Pillow 13's vertical-first
+   rule around its boundary, 1-pixel windows, blur radii larger than the crop, extreme factors, all 24
+   jitter orders), it equals the same torchvision functions applied one by one.
+3. The lookup-table hue equals Pillow's arithmetic on every colour.
+"""
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+pytest.importorskip("numba")
+
+from cosmos_fast.data import pil_crop, pil_hue  # noqa: E402
+from cosmos_fast.data import transforms as mt  # noqa: E402
+from cosmos_fast.data.pil_crop import JITTER_ORDERS, PARAM_FIELDS, augment_crop  # noqa: E402
+from cosmos_fast.data.synthetic import make_scene  # noqa: E402
+from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD, MultiCropTransform, seeded  # noqa: E402
+
+ORDER_INDEX = {tuple(o): i for i, o in enumerate(JITTER_ORDERS.tolist())}
+JITTER_FNS = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")
+
+
+def torchvision_crop(img: Image.Image, p: dict, size: int) -> np.ndarray:
+    """The §4.4 ops as torchvision's functions, one by one, with the given parameters."""
+    out = TF.resized_crop(img, int(p["y0"]), int(p["x0"]), int(p["h"]), int(p["w"]), [size, size],
+                          InterpolationMode.BICUBIC)
+    if p["flip"]:
+        out = TF.hflip(out)
+    if p["jitter"]:
+        for op in JITTER_ORDERS[int(p["order"])]:
+            name = JITTER_FNS[op]
+            out = getattr(TF, name)(out, float(p[name[len("adjust_"):]]))
+    if p["gray"]:
+        out = TF.rgb_to_grayscale(out, 3)
+    if p["blur"]:
+        out = out.filter(ImageFilter.GaussianBlur(radius=float(p["radius"])))
+    if p["solarize"]:
+        out = TF.solarize(out, 128)
+    return TF.normalize(TF.to_tensor(out), OPENAI_MEAN, OPENAI_STD).numpy()
+
+
+def vector(p: dict) -> np.ndarray:
+    return np.array([p[f] for f in PARAM_FIELDS], dtype=np.float32)
+
+
+def record_multicrop(img: Image.Image, seed: int, global_size: int, local_size: int):
+    """MultiCropTransform(img) under ``seed``: its 8 tensors and, per crop, the parameters it drew."""
+    tf = MultiCropTransform(global_size, local_size)
+    crops, current = [], {}
+
+    def delimit(comp):
+        def run(im):
+            current.clear()
+            current.update(flip=0, jitter=0, order=[], gray=0, blur=0, radius=0.0, solarize=0,
+                           brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0)
+            out = comp(im)
+            p = dict(current)
+            if p["order"]:
+                p["jitter"], p["order"] = 1, ORDER_INDEX[tuple(p["order"])]
+            else:
+                p["order"] = 0
+            crops.append(p)
+            return out
+        return run
+    for name in ("global1", "global2", "local"):
+        setattr(tf, name, delimit(getattr(tf, name)))
+    orig = {f: getattr(TF, f) for f in ("hflip", "rgb_to_grayscale", "solarize") + JITTER_FNS}
+    orig_params, orig_blur = T.RandomResizedCrop.get_params, mt.ImageFilter.GaussianBlur
+
+    def spy(fname):
+        def f(*a, **k):
+            if fname in JITTER_FNS:
+                current["order"].append(JITTER_FNS.index(fname))
+                current[fname[len("adjust_"):]] = a[1]
+            else:
+                current[{"hflip": "flip", "rgb_to_grayscale": "gray", "solarize": "solarize"}[fname]] = 1
+            return orig[fname](*a, **k)
+        return f
+
+    def params(im, scale, ratio):
+        current["y0"], current["x0"], current["h"], current["w"] = orig_params(im, scale, ratio)
+        return current["y0"], current["x0"], current["h"], current["w"]
+
+    def blur(radius):
+        current["blur"], current["radius"] = 1, radius
+        return orig_blur(radius=radius)
+
+    mp = pytest.MonkeyPatch()
+    for fname in orig:
+        mp.setattr(TF, fname, spy(fname))
+    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
+    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
+    try:
+        with seeded(seed):
+            outs = tf(img)
+    finally:
+        mp.undo()
+    return [o.numpy() for o in outs], crops
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (97, 61)], ids=["landscape", "portrait", "small"])
+def test_kernel_reproduces_multicrop_transform(size):
+    rng = np.random.default_rng(sum(size))
+    seen, ops = set(), {"flip", "jitter", "gray", "blur", "solarize"}
+    for seed in range(40):              # at least 6 images, and until every op has been exercised
+        if seed >= 6 and seen == ops:
+            break
+        img = make_scene(rng, max(size))[0].resize(size, Image.BICUBIC).convert("RGB")
+        outs, crops = record_multicrop(img, seed, 224, 96)
+        arr = np.asarray(img)
+        for k, (want, p) in enumerate(zip(outs, crops)):
+            got = augment_crop(arr, vector(p), 224 if k < 2 else 96)
+            assert np.array_equal(got, want), (seed, k, p, np.abs(got - want).max())
+            seen.update(f for f in ("flip", "jitter", "gray", "blur", "solarize") if p[f])
+    assert seen == ops
+
+
+def _case(y0, x0, h, w, **kw):
+    p = dict(y0=y0, x0=x0, h=h, w=w, flip=0, jitter=0, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0,
+             order=0, gray=0, blur=0, radius=0.5, solarize=0)
+    p.update(kw)
+    return p
+
+
+EDGE_CASES = {
+    "copy": (_case(3, 4, 32, 32), 32),                                   # no resampling at all
+    "vertical-only": (_case(0, 2, 70, 32), 32),
+    "horizontal-only": (_case(1, 0, 32, 75), 32),
+    "vertical-first-boundary": (_case(0, 0, 97, 64), 32),                 # h - s = 65 > 2 (w - s) = 64
+    "horizontal-first-boundary": (_case(0, 0, 96, 64), 32),               # 64 = 64: horizontal first
+    "upscale-both": (_case(5, 5, 9, 13), 40),
+    "one-pixel-window": (_case(10, 20, 1, 1), 24),
+    "one-pixel-wide": (_case(0, 7, 80, 1), 24),
+    "blur-wider-than-crop": (_case(0, 0, 40, 30, blur=1, radius=2.0), 6),
+    "blur-tiny-radius": (_case(0, 0, 40, 30, blur=1, radius=0.1), 24),
+    "extremes": (_case(2, 3, 50, 60, flip=1, jitter=1, brightness=1.4, contrast=0.6, saturation=1.2, hue=-0.1,
+                       order=23, gray=1, blur=1, radius=1.99, solarize=1), 24),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_kernel_edge_cases_match_torchvision(name):
+    p, size = EDGE_CASES[name]
+    rng = np.random.default_rng(3)
+    img = make_scene(rng, 120)[0].resize((110, 100), Image.BICUBIC).convert("RGB")
+    assert np.array_equal(augment_crop(np.asarray(img), vector(p), size), torchvision_crop(img, p, size))
+
+
+def test_kernel_every_jitter_order_matches_torchvision():
+    rng = np.random.default_rng(4)
+    img = make_scene(rng, 64)[0].convert("RGB")
+    orders = set()
+    for order in range(24):
+        p = _case(4, 2, 50, 41, jitter=1, order=order, brightness=float(rng.uniform(0.6, 1.4)),
+                  contrast=float(rng.uniform(0.6, 1.4)), saturation=float(rng.uniform(0.8, 1.2)),
+                  hue=float(rng.uniform(-0.1, 0.1)))
+        p = {k: float(np.float32(v)) for k, v in p.items()}                 # the kernel's float32 factors
+        got = augment_crop(np.asarray(img), vector(p), 32)
+        assert np.array_equal(got, torchvision_crop(img, p, 32)), order
+        orders.add(got.tobytes())
+    assert len(orders) == 24                                              # the order changes the result
+
+
+@pytest.mark.parametrize("shift", [0, 1, 25, 231, 255])
+def test_hue_tables_equal_pillow_arithmetic_on_every_colour(shift):
+    codes = np.arange(2 ** 24, dtype=np.uint32)
+    img = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    got = pil_hue.adjust_hue(img, shift)
+    reference = pil_hue.kernels()[0]
+    sample = np.random.default_rng(shift).integers(0, 2 ** 24, 20000)
+    for c in sample:
+        r, g, b = int(c >> 16), int((c >> 8) & 255), int(c & 255)
+        assert tuple(got.reshape(-1, 3)[c]) == reference(r, g, b, shift)
+    # and equals PIL through torchvision on all of them (torchvision takes the hue as a factor)
+    factor = (shift if shift < 128 else shift - 256) / 255 + (0.5 / 255 if shift < 128 else -0.5 / 255)
+    if abs(factor) <= 0.5:
+        want = np.asarray(TF.adjust_hue(Image.fromarray(img), factor))
+        assert np.array_equal(got, want), int((got != want).any(-1).sum())
+
+
+def test_augment_crop_validates_its_input():
+    with pytest.raises(ValueError, match="params"):
+        augment_crop(np.zeros((10, 10, 3), np.uint8), [0, 0, 5, 5], 8)
+    with pytest.raises(ValueError, match="window"):
+        augment_crop(np.zeros((10, 10, 3), np.uint8), vector(_case(6, 0, 5, 5)), 8)
+    with pytest.raises(ValueError, match="HWC"):
+        augment_crop(np.zeros((10, 10), np.uint8), vector(_case(0, 0, 5, 5)), 8)
+    assert torch.from_numpy(augment_crop(np.zeros((10, 10, 3), np.uint8), vector(_case(0, 0, 5, 5)), 8)).shape \
+        == (3, 8, 8)
+    assert pil_crop.VERTICAL_FIRST == (int(Image.__version__.split(".")[0]) >= 13)
