@@ -37,10 +37,10 @@ setup(
             "webdataset==1.0.2",
             "deepspeed==0.19.8",
             "nvidia-dali-cuda130==2.4.0",
-            "numba==0.68.1",          # DALI CPU pipeline: the bit-exact PIL hue kernel (optional elsewhere)
+            "numba==0.68.1",          # DALI CPU pipeline: the fused kernel equal to torchvision's crops (optional elsewhere)
         ],
         # DALI for the cluster's CUDA major (A100 clusters: CUDA 12)
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda120", "numba"],
         # flash-attn and NVIDIA apex are cluster builds (exact torch pins; see README)
         "gpu": ["triton", "xformers"],
     },

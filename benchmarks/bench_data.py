@@ -8,12 +8,15 @@ writer (validated DALI indexes). Providers:
 
 * ``torchvision``: :class:`WebDatasetLoader` with ``--threads`` worker processes (1 torch thread each);
 * ``dali``: :class:`DaliWebDatasetLoader` with ``--threads`` DALI threads, ``hue_mode="exact"`` (the
-  default graph: on the CPU PIL's hue bit for bit with the Numba kernel, when numba is installed);
+  default: on the CPU, with numba, one fused kernel per crop that equals torchvision's crops bit for
+  bit, :mod:`cosmos_fast.data.pil_crop`; on the GPU the operator graph);
 * ``dali-float-hue``: ``hue_mode="float"`` (the HSV shift in DALI arithmetic, as on the GPU);
 * ``dali-linear-hue``: ``hue_mode="linear"`` (``fn.hsv``; approximate hue).
 
-Every loader yields the full COSMOS batch (2×224 + 6×96 crops, 8 tokenised captions per sample). First
-each provider's batch layout is checked against the torchvision one, then each is timed over
+Every loader yields the full COSMOS batch (2×224 + 6×96 crops, 8 tokenised captions per sample). First,
+on the CPU, the ``dali`` pipeline's crops of 8 images are checked equal, bit for bit, to torchvision's
+crops made with the random parameters DALI drew (the same JPEGs decoded by PIL); each provider's batch
+layout is checked against the torchvision one; then each is timed over
 ``--steps`` batches after the first batch (start-up — pipeline build, worker spawn, first shuffle
 buffer fill — is reported separately) and ``--warmup`` more (what was prefetched meanwhile),
 ``--reps`` times, providers interleaved so that load from other jobs on the machine hits all of them
@@ -100,6 +103,37 @@ def check_layout(ref: dict, batch: dict, provider: str):
                          f"torchvision {want} / {tuple(ref['captions'].shape)}")
 
 
+def check_exact(shard: str, n: int, threads: int) -> int:
+    """Before timing, on the CPU: the DALI pipeline's crops of the first ``n`` images of ``shard`` equal,
+    bit for bit, torchvision's crops of the PIL-decoded JPEGs made with the random parameters DALI drew
+    (``reference_crop``: torchvision's functions, as MultiCropTransform calls them). Returns the number
+    of crops compared; exits with a message on the first difference."""
+    import tarfile
+
+    from cosmos_fast.data import dali_loader as dl
+    from cosmos_fast.data.pil_crop import PARAM_FIELDS, reference_crop
+    from cosmos_fast.data.shards import index_path
+
+    with tarfile.open(shard) as tf:
+        names = [m for m in tf.getmembers() if m.name.endswith(".jpg")][:n]
+        images = [Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB") for m in names]
+    pipe = dl.build_pipeline([shard], [str(index_path(shard))], n, global_size=224, local_size=96, crop_scale=0.4,
+                             n_local=N_CROPS - 2, shuffle_buffer=1, seed=0, reader_seed=0, num_threads=threads,
+                             debug=True)
+    out = pipe.run()
+    crops, debug = out[:N_CROPS], out[N_CROPS + 1:]
+    for i, img in enumerate(images):
+        for j in range(N_CROPS):
+            p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+            p["radius"] = p["sigma"]
+            want = reference_crop(img, {f: p[f] for f in PARAM_FIELDS}, 224 if j < 2 else 96)
+            got = np.asarray(crops[j][i])
+            if not np.array_equal(got, want):
+                raise SystemExit(f"dali: crop {j} of {names[i].name} differs from torchvision's "
+                                 f"(max |diff| {np.abs(got - want).max():.3g}); not timing a wrong pipeline")
+    return len(images) * N_CROPS
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--providers", nargs="+", default=["torchvision", "dali", "dali-float-hue", "dali-linear-hue"])
@@ -129,6 +163,14 @@ def main(argv=None) -> int:
     print(f"{len(shards)} shards, {args.images} JPEGs {size[0]}x{size[1]}; B={args.batch_size}, "
           f"{args.steps} timed batches × {args.reps} reps; {args.threads} threads; {env_info(device)}")
 
+    if "dali" in args.providers and args.device == "cpu":
+        from cosmos_fast.data import dali_loader as dl
+
+        if dl.resolve_hue_mode("exact", gpu=False) == "pil":
+            t0 = time.perf_counter()
+            k = check_exact(shards[0], 8, args.threads)
+            print(f"dali (cpu, exact): {k} crops equal torchvision's, bit for bit ({time.perf_counter() - t0:.1f} s, "
+                  f"includes the kernel's compilation)")
     ref = None
     runs = {prov: [] for prov in args.providers}
     for rep in range(args.reps):

@@ -142,11 +142,15 @@ step() {   # step NAME CAP_SECONDS COMMAND...
 }
 
 # ------------------------------------------------------------------ 3. kernel equality (bf16/fp16 on GPU)
-step pytest_kernels 110 "$PY" -m pytest -q -p no:cacheprovider tests/test_contrastive.py \
-    tests/test_cross_pool_kernel.py --junitxml="$OUT/pytest_kernels.xml"
+# with pytest-xdist (when installed) the tests' Triton compilations run on 8 processes
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+step pytest_kernels 120 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_contrastive.py \
+    tests/test_cross_pool_kernel.py tests/test_trainer.py::test_amp_training_on_cuda \
+    --junitxml="$OUT/pytest_kernels.xml"
 
 # ------------------------------------------------------------------ 4. kernel microbenchmarks
-step bench_contrastive 70 "$PY" benchmarks/bench_contrastive.py --sizes 1024 4096 16384 32768 \
+step bench_contrastive 75 "$PY" benchmarks/bench_contrastive.py --sizes 1024 4096 16384 \
     --dtype bfloat16 --providers reference fused --reps 5 --warmup 2
 step bench_cross_pool 40 "$PY" benchmarks/bench_cross_pool.py --reps 5 --warmup 2
 

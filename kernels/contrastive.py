@@ -56,6 +56,7 @@ def _contrastive_row_fwd_kernel(
     stride_u, stride_v,                   # row strides (the feature dim is contiguous)
     B, N, D, Q,                           # sizes
     CAST_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     p = tl.program_id(1)
@@ -71,7 +72,7 @@ def _contrastive_row_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         v = _load_block(V, q * N, cols, N, stride_v, offs_d, D, CAST_F32)
-        s = tl.dot(u, tl.trans(v)) * tau
+        s = tl.dot(u, tl.trans(v), input_precision=DOT_PRECISION) * tau
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -86,6 +87,7 @@ def _contrastive_col_fwd_kernel(
     stride_u, stride_v,
     B, N, D, Q,
     CAST_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     p = tl.program_id(1)
@@ -101,7 +103,7 @@ def _contrastive_col_fwd_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
         u = _load_block(U, p * B, rows, B, stride_u, offs_d, D, CAST_F32)
-        s = tl.dot(u, tl.trans(v)) * tau
+        s = tl.dot(u, tl.trans(v), input_precision=DOT_PRECISION) * tau
         s = tl.where(row_ok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_j, tl.max(s, axis=0))
         l_j = l_j * tl.exp(m_j - m_new) + tl.sum(tl.exp(s - m_new[None, :]), axis=0)
@@ -117,6 +119,7 @@ def _contrastive_du_bwd_kernel(
     stride_u, stride_v,
     B, N, D, Q,
     CAST_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     p = tl.program_id(1)
@@ -136,11 +139,13 @@ def _contrastive_du_bwd_kernel(
             col_ok = cols < N
             v = _load_block(V, q * N, cols, N, stride_v, offs_d, D, CAST_F32)
             clse = tl.load(CLSE + (p * Q + q) * N + cols, mask=col_ok, other=0.0)
-            s = tl.dot(u, tl.trans(v)) * tau
-            ds = coef * (tl.exp(s - rlse[:, None]) + tl.exp(s - clse[None, :]))
-            ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
-            dtau += tl.sum(ds * s, axis=1)
-            du += tl.dot(ds.to(v.dtype), v)
+            s = tl.dot(u, tl.trans(v), input_precision=DOT_PRECISION) * tau
+            # e = dS / c_pq ∈ [0, 2]: the coefficient multiplies the fp32 product, so a 16-bit e
+            # keeps its precision (c_pq · e is often below fp16's normal range)
+            e = tl.exp(s - rlse[:, None]) + tl.exp(s - clse[None, :])
+            e = tl.where(row_ok[:, None] & col_ok[None, :], e, 0.0)
+            dtau += coef * tl.sum(e * s, axis=1)
+            du += coef * tl.dot(e.to(v.dtype), v, input_precision=DOT_PRECISION)
     tl.store(DU + (p * B + rows)[:, None] * D + offs_d[None, :], du * tau,
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(DTAU + p * B + rows, dtau / tau, mask=row_ok)
@@ -152,6 +157,7 @@ def _contrastive_dv_bwd_kernel(
     stride_u, stride_v,
     B, N, D, P, Q,
     CAST_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     q = tl.program_id(1)
@@ -170,21 +176,55 @@ def _contrastive_dv_bwd_kernel(
             row_ok = rows < B
             u = _load_block(U, p * B, rows, B, stride_u, offs_d, D, CAST_F32)
             rlse = tl.load(RLSE + (p * Q + q) * B + rows, mask=row_ok, other=0.0)
-            s = tl.dot(u, tl.trans(v)) * tau
-            ds = coef * (tl.exp(s - rlse[:, None]) + tl.exp(s - clse[None, :]))
-            ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
-            dv += tl.dot(tl.trans(ds.to(u.dtype)), u)
+            s = tl.dot(u, tl.trans(v), input_precision=DOT_PRECISION) * tau
+            e = tl.exp(s - rlse[:, None]) + tl.exp(s - clse[None, :])
+            e = tl.where(row_ok[:, None] & col_ok[None, :], e, 0.0)
+            dv += coef * tl.dot(tl.trans(e.to(u.dtype)), u, input_precision=DOT_PRECISION)
     tl.store(DV + (q * N + cols)[:, None] * D + offs_d[None, :], dv * tau,
              mask=col_ok[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------------- launchers
+SMEM_BUDGET = 160 * 1024      # bytes of shared memory a program may use: under an A100's 163 KiB
+
+
 def _blocks(d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for feature dim ``d`` and input ``dtype``.
+
+    A program keeps one tile of one side resident (BLOCK × D) and streams the other side's tiles
+    through ``num_stages − 1`` buffers, so its shared memory is about
+    (resident + (stages − 1) · streamed) · BLOCK_D · element size. Starting from 3 stages and tiles of
+    32 × 64 (D ≥ 512) or 64 × 64, stages, then BLOCK_N, then BLOCK_M are reduced until that fits
+    :data:`SMEM_BUDGET` (fp32 at D = 512: 32 × 32 tiles, 2 stages; bf16 at D = 512 keeps 32 × 64 ×
+    3 stages)."""
     block_d = max(16, triton.next_power_of_2(d))
     if INTERPRET:
-        return 32, 32, block_d, 4
-    big = block_d >= 512
-    return (32 if big else 64), 64, block_d, 8 if big else 4
+        return 32, 32, block_d, 4, 1
+    size = torch.finfo(dtype).bits // 8
+    bm, bn, stages = (32 if block_d >= 512 else 64), 64, 3
+
+    def smem(bm, bn, stages):
+        return max(bm + (stages - 1) * bn, bn + (stages - 1) * bm) * block_d * size
+
+    while smem(bm, bn, stages) > SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        else:
+            break
+    return bm, bn, block_d, 8 if block_d >= 512 else 4, stages
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow PyTorch's fp32 matmul setting (``torch.set_float32_matmul_precision``): IEEE
+    fp32 products by default ("highest"), TF32 when the user allows it; 16-bit inputs use their own
+    tensor-core products (the setting does not apply to them)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _check(u, v, tau, p_count, b, q_count, n):
@@ -225,17 +265,20 @@ def contrastive_fwd(u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, p_count
     _check(u, v, tau, p_count, b, q_count, n)
     cast = _prep(u, v)
     d = u.shape[1]
-    bm, bn, bd, warps = _blocks(d, u.dtype)
+    bm, bn, bd, warps, stages = _blocks(d, u.dtype)
+    prec = _dot_precision(u.dtype)
     tau32 = tau.reshape(1).float()
     rlse = torch.empty(p_count, q_count, b, device=u.device, dtype=torch.float32)
     cmax = torch.empty(p_count, q_count, n, device=u.device, dtype=torch.float32)
     csum = torch.empty_like(cmax)
     _contrastive_row_fwd_kernel[(triton.cdiv(b, bm), p_count, q_count)](
         u, v, tau32, rlse, u.stride(0), v.stride(0), b, n, d, q_count,
-        CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+        CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=warps,
+        num_stages=stages)
     _contrastive_col_fwd_kernel[(triton.cdiv(n, bn), p_count, q_count)](
         u, v, tau32, cmax, csum, u.stride(0), v.stride(0), b, n, d, q_count,
-        CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+        CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=warps,
+        num_stages=stages)
     return rlse, cmax, csum
 
 
@@ -254,19 +297,22 @@ def contrastive_bwd(u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, rlse: t
     _check(u, v, tau, p_count, b, q_count, n)
     cast = _prep(u, v)
     d = u.shape[1]
-    bm, bn, bd, warps = _blocks(d, u.dtype)
+    bm, bn, bd, warps, stages = _blocks(d, u.dtype)
+    prec = _dot_precision(u.dtype)
     tau32 = tau.reshape(1).float()
     rlse, clse, coef = rlse.contiguous(), clse.contiguous(), coef.float().contiguous()
     du = torch.empty(p_count * b, d, device=u.device, dtype=torch.float32)
     dtau_rows = torch.empty(p_count, b, device=u.device, dtype=torch.float32)
     _contrastive_du_bwd_kernel[(triton.cdiv(b, bm), p_count)](
         u, v, tau32, rlse, clse, coef, du, dtau_rows, u.stride(0), v.stride(0), b, n, d, q_count,
-        CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+        CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=warps,
+        num_stages=stages)
     if need_dv:
         dv = torch.empty(q_count * n, d, device=u.device, dtype=torch.float32)
         _contrastive_dv_bwd_kernel[(triton.cdiv(n, bn), q_count)](
             u, v, tau32, rlse, clse, coef, dv, u.stride(0), v.stride(0), b, n, d, p_count, q_count,
-            CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+            CAST_F32=cast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=warps,
+            num_stages=stages)
         dv = dv.to(v.dtype)
     else:
         dv = v.new_empty(0, d)

@@ -222,3 +222,25 @@ def test_gpu_suite_is_valid_bash_and_checks_dependencies_first(tmp_path):
     assert "no CUDA GPU" in r.stdout
     assert (tmp_path / "out" / "status.txt").read_text().strip() == "deps FAIL"
     assert not (REPO / "cosmos_fast" / "kernels").is_symlink()
+
+
+# ----------------------------------------------------------------------------- bench_data
+def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
+    """The data benchmark compares DALI's CPU crops with torchvision's before it times, refuses to time
+    a pipeline whose crops differ, and writes one row per provider."""
+    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("numba")
+    from benchmarks import bench_data, harness
+    from cosmos_fast.data import pil_crop
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    args = ["--images", "16", "--per-shard", "8", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--reps", "1",
+            "--size", "160x120", "--data-dir", str(tmp_path / "shards")]
+    assert bench_data.main(["--providers", "torchvision", "dali"] + args) == 0
+    rows = _read(next((tmp_path / "results" / "data").glob("*.csv")))
+    assert [r["provider"] for r in rows] == ["torchvision", "dali"]
+    assert all(float(r["images_per_s"]) > 0 for r in rows) and rows[0]["ratio_vs_torchvision"] == "1.0"
+    real = pil_crop.reference_crop
+    monkeypatch.setattr(pil_crop, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
+    with pytest.raises(SystemExit, match="differs from torchvision"):
+        bench_data.main(["--providers", "dali"] + args)

@@ -214,11 +214,11 @@ def test_launchers_validate_inputs():
 
 
 def test_fused_validates_shapes():
-    p = CrossAttentionPooler(16, 16, n_head=2)
+    p = CrossAttentionPooler(16, 16, n_head=2).to(DEVICE)
     with pytest.raises(ValueError, match="context batch 2 != queries batch 3"):
-        cross_pool_fused(p, torch.randn(2, 5, 16), torch.randn(3, 1, 16))
+        cross_pool_fused(p, torch.randn(2, 5, 16, device=DEVICE), torch.randn(3, 1, 16, device=DEVICE))
     with pytest.raises(ValueError, match="query width 8"):
-        cross_pool_fused(p, torch.randn(2, 5, 16), torch.randn(2, 1, 8))
+        cross_pool_fused(p, torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,46 +4,27 @@
    calls), the kernel reproduces its 8 output tensors exactly.
 2. On edge cases the random recipe rarely hits (a pass with unchanged size, Pillow 13's vertical-first
    rule around its boundary, 1-pixel windows, blur radii larger than the crop, extreme factors, all 24
-   jitter orders), it equals the same torchvision functions applied one by one.
+   jitter orders), it equals the same torchvision functions applied one by one (``reference_crop``,
+   itself checked against the transform in 1).
 3. The lookup-table hue equals Pillow's arithmetic on every colour.
 """
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter
+from PIL import Image
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
 pytest.importorskip("numba")
 
 from cosmos_fast.data import pil_crop, pil_hue  # noqa: E402
 from cosmos_fast.data import transforms as mt  # noqa: E402
-from cosmos_fast.data.pil_crop import JITTER_ORDERS, PARAM_FIELDS, augment_crop  # noqa: E402
+from cosmos_fast.data.pil_crop import JITTER_ORDERS, PARAM_FIELDS, augment_crop, reference_crop  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
-from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD, MultiCropTransform, seeded  # noqa: E402
+from cosmos_fast.data.transforms import MultiCropTransform, seeded  # noqa: E402
 
 ORDER_INDEX = {tuple(o): i for i, o in enumerate(JITTER_ORDERS.tolist())}
 JITTER_FNS = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")
-
-
-def torchvision_crop(img: Image.Image, p: dict, size: int) -> np.ndarray:
-    """The §4.4 ops as torchvision's functions, one by one, with the given parameters."""
-    out = TF.resized_crop(img, int(p["y0"]), int(p["x0"]), int(p["h"]), int(p["w"]), [size, size],
-                          InterpolationMode.BICUBIC)
-    if p["flip"]:
-        out = TF.hflip(out)
-    if p["jitter"]:
-        for op in JITTER_ORDERS[int(p["order"])]:
-            name = JITTER_FNS[op]
-            out = getattr(TF, name)(out, float(p[name[len("adjust_"):]]))
-    if p["gray"]:
-        out = TF.rgb_to_grayscale(out, 3)
-    if p["blur"]:
-        out = out.filter(ImageFilter.GaussianBlur(radius=float(p["radius"])))
-    if p["solarize"]:
-        out = TF.solarize(out, 128)
-    return TF.normalize(TF.to_tensor(out), OPENAI_MEAN, OPENAI_STD).numpy()
 
 
 def vector(p: dict) -> np.ndarray:
@@ -118,6 +99,8 @@ def test_kernel_reproduces_multicrop_transform(size):
         for k, (want, p) in enumerate(zip(outs, crops)):
             got = augment_crop(arr, vector(p), 224 if k < 2 else 96)
             assert np.array_equal(got, want), (seed, k, p, np.abs(got - want).max())
+            if k < 3:                   # the functional reference is the transform too
+                assert np.array_equal(reference_crop(img, p, 224 if k < 2 else 96), want)
             seen.update(f for f in ("flip", "jitter", "gray", "blur", "solarize") if p[f])
     assert seen == ops
 
@@ -150,7 +133,7 @@ def test_kernel_edge_cases_match_torchvision(name):
     p, size = EDGE_CASES[name]
     rng = np.random.default_rng(3)
     img = make_scene(rng, 120)[0].resize((110, 100), Image.BICUBIC).convert("RGB")
-    assert np.array_equal(augment_crop(np.asarray(img), vector(p), size), torchvision_crop(img, p, size))
+    assert np.array_equal(augment_crop(np.asarray(img), vector(p), size), reference_crop(img, p, size))
 
 
 def test_kernel_every_jitter_order_matches_torchvision():
@@ -163,7 +146,7 @@ def test_kernel_every_jitter_order_matches_torchvision():
                   hue=float(rng.uniform(-0.1, 0.1)))
         p = {k: float(np.float32(v)) for k, v in p.items()}                 # the kernel's float32 factors
         got = augment_crop(np.asarray(img), vector(p), 32)
-        assert np.array_equal(got, torchvision_crop(img, p, 32)), order
+        assert np.array_equal(got, reference_crop(img, p, 32)), order
         orders.add(got.tobytes())
     assert len(orders) == 24                                              # the order changes the result
 

@@ -330,6 +330,35 @@ def augment_crop(img: np.ndarray, params, size: int) -> np.ndarray:
     return out
 
 
+def reference_crop(img, params, size: int) -> np.ndarray:
+    """The same crop made by torchvision's own functions, one by one (what ``MultiCropTransform`` calls):
+    the reference the kernel is tested and benchmarked against. ``img``: a PIL RGB image or an HWC uint8
+    array; ``params``: a mapping with the :data:`PARAM_FIELDS` names or a vector in that order."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image, ImageFilter
+    from torchvision.transforms import InterpolationMode
+
+    p = params if isinstance(params, dict) else dict(zip(PARAM_FIELDS, np.asarray(params, dtype=np.float32).tolist()))
+    img = Image.fromarray(np.asarray(img, dtype=np.uint8)) if not isinstance(img, Image.Image) else img
+    out = TF.resized_crop(img, int(p["y0"]), int(p["x0"]), int(p["h"]), int(p["w"]), [size, size],
+                          InterpolationMode.BICUBIC)
+    if p["flip"]:
+        out = TF.hflip(out)
+    if p["jitter"]:
+        ops = ((TF.adjust_brightness, "brightness"), (TF.adjust_contrast, "contrast"),
+               (TF.adjust_saturation, "saturation"), (TF.adjust_hue, "hue"))
+        for k in JITTER_ORDERS[int(p["order"])]:
+            fn, name = ops[k]
+            out = fn(out, float(p[name]))
+    if p["gray"]:
+        out = TF.rgb_to_grayscale(out, 3)
+    if p["blur"]:
+        out = out.filter(ImageFilter.GaussianBlur(radius=float(p["radius"])))
+    if p["solarize"]:
+        out = TF.solarize(out, 128)
+    return TF.normalize(TF.to_tensor(out), OPENAI_MEAN, OPENAI_STD).numpy()
+
+
 @functools.lru_cache(maxsize=None)
 def dali_op(size: int):
     """A DALI CPU operator (``NumbaFunction``, one object per process and crop size, so its kernel
