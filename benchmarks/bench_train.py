@@ -180,11 +180,12 @@ class TrainPath:
         return cosmos_train_step(self.student, self.teacher, self.loss_fn, self.optimizer, crops, caps,
                                  momentum=MOMENTUM, autocast=self.autocast(), timer=timer)
 
-    def forward_backward(self, batch):
-        """Losses and the flat student gradient from the current weights (no update)."""
+    def forward_backward(self, batch, fp32: bool = False):
+        """Losses and the flat student gradient from the current weights (no update); ``fp32`` runs
+        without autocast (the ground truth of a low-precision comparison)."""
         crops, caps = self.to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast() or contextlib.nullcontext():
+        with (None if fp32 else self.autocast()) or contextlib.nullcontext():
             losses = cosmos_forward_loss(self.student, self.teacher, self.loss_fn, crops, caps)
         losses["loss"].backward()
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
@@ -193,20 +194,44 @@ class TrainPath:
         return {k: float(losses[k].detach()) for k in ("loss", "clip_loss", "distill_loss")}, grads
 
 
+def _errors(losses, grads, truth_losses, truth_grads):
+    loss_err = max(abs(losses[k] - truth_losses[k]) / max(abs(truth_losses[k]), 1e-30) for k in truth_losses)
+    return loss_err, float((grads - truth_grads).norm() / truth_grads.norm().clamp_min(1e-30))
+
+
 def check_equal(ref: TrainPath, fast: TrainPath, batch, low_precision: bool) -> dict:
-    """Losses and gradients of the fast path against the reference; raises if they differ."""
+    """Losses and gradients of the fast path against the reference; raises if they differ.
+
+    fp32: the fast path must equal the reference (loss rel err ≤ 1e-4, ‖Δg‖/‖g‖ ≤ 1e-3). Under
+    autocast two low-precision runs differ by their rounding, so both are measured against the
+    reference run in fp32 and the fast path may be off by at most twice the reference's own
+    low-precision error (plus 1e-3), the rule the kernel tests use."""
     lr, gr = ref.forward_backward(batch)
     lf, gf = fast.forward_backward(batch)
-    loss_err = max(abs(lf[k] - lr[k]) / max(abs(lr[k]), 1e-30) for k in lr)
-    grad_err = float((gf - gr).norm() / gr.norm().clamp_min(1e-30))
-    loss_tol, grad_tol = (2e-2, 5e-2) if low_precision else (1e-4, 1e-3)
-    print(f"equality: reference loss {lr['loss']:.6f} (clip {lr['clip_loss']:.6f}, distill "
-          f"{lr['distill_loss']:.6f}); fast loss {lf['loss']:.6f}; max loss rel err {loss_err:.2e} "
-          f"(tol {loss_tol:.0e}), gradient ‖Δg‖/‖g‖ {grad_err:.2e} (tol {grad_tol:.0e})")
-    if not (loss_err <= loss_tol and grad_err <= grad_tol):
-        raise SystemExit(f"fast path differs from the reference: loss rel err {loss_err:.3e}, "
-                         f"gradient rel err {grad_err:.3e}")
-    return {"loss_ref": lr["loss"], "loss_fast": lf["loss"], "loss_rel_err": loss_err, "grad_rel_err": grad_err}
+    loss_err, grad_err = _errors(lf, gf, lr, gr)
+    out = {"loss_ref": lr["loss"], "loss_fast": lf["loss"], "loss_rel_err": loss_err, "grad_rel_err": grad_err}
+    if not low_precision:
+        print(f"equality: reference loss {lr['loss']:.6f} (clip {lr['clip_loss']:.6f}, distill "
+              f"{lr['distill_loss']:.6f}); fast loss {lf['loss']:.6f}; max loss rel err {loss_err:.2e} "
+              f"(tol 1e-04), gradient ‖Δg‖/‖g‖ {grad_err:.2e} (tol 1e-03)")
+        if not (loss_err <= 1e-4 and grad_err <= 1e-3):
+            raise SystemExit(f"fast path differs from the reference: loss rel err {loss_err:.3e}, "
+                             f"gradient rel err {grad_err:.3e}")
+        return out
+    l32, g32 = ref.forward_backward(batch, fp32=True)
+    ref_loss_err, ref_grad_err = _errors(lr, gr, l32, g32)
+    fast_loss_err, fast_grad_err = _errors(lf, gf, l32, g32)
+    print(f"equality against the reference in fp32 (loss {l32['loss']:.6f}): reference under autocast "
+          f"loss rel err {ref_loss_err:.2e}, ‖Δg‖/‖g‖ {ref_grad_err:.2e}; fast loss rel err "
+          f"{fast_loss_err:.2e}, ‖Δg‖/‖g‖ {fast_grad_err:.2e} (allowed: 2× the reference's + 1e-3); "
+          f"fast vs reference directly: loss {loss_err:.2e}, gradient {grad_err:.2e}")
+    if not (fast_loss_err <= 2 * ref_loss_err + 1e-3 and fast_grad_err <= 2 * ref_grad_err + 1e-3):
+        raise SystemExit(f"fast path is further from the fp32 reference than twice the reference's own "
+                         f"low-precision error: loss {fast_loss_err:.3e} vs {ref_loss_err:.3e}, gradient "
+                         f"{fast_grad_err:.3e} vs {ref_grad_err:.3e}")
+    out.update(ref_lowp_loss_err=ref_loss_err, ref_lowp_grad_err=ref_grad_err, fast_lowp_loss_err=fast_loss_err,
+               fast_lowp_grad_err=fast_grad_err)
+    return out
 
 
 # ----------------------------------------------------------------------------- FLOPs and peak

@@ -219,7 +219,8 @@ class _PairLSE(torch.autograd.Function):
         p_count, b, q_count, n, impl, need_dv = ctx.dims
         _, bwd = _backend(impl)
         need_dv = need_dv and ctx.needs_input_grad[1]
-        du, dv, dtau = bwd(u, v, tau, rlse, clse, grad_out.contiguous(), p_count, b, q_count, n, need_dv)
+        with torch.autocast(u.device.type, enabled=False):      # fp32 tiles even if backward runs under autocast
+            du, dv, dtau = bwd(u, v, tau, rlse, clse, grad_out.contiguous(), p_count, b, q_count, n, need_dv)
         return (du if ctx.needs_input_grad[0] else None, dv if need_dv else None,
                         dtau.reshape(tau.shape).to(tau.dtype) if ctx.needs_input_grad[2] else None,
                 None, None, None, None, None, None)
@@ -245,8 +246,11 @@ def group_pair_losses(u, v, tau, p_count: int, b: int, q_count: int, impl: str, 
     gathered targets v (Q·N rows, N = B·W, target-major)."""
     w, rank = world()
     n = b * w
-    lse = _PairLSE.apply(u, v, tau, p_count, b, q_count, n, impl, need_dv)
-    diag = _diag(u, v, tau, p_count, b, q_count, n, rank * b)
+    # fp32 arithmetic, also under autocast: there the tiles' matmuls and the diagonal term (one
+    # B·D-long dot product per pair) would otherwise run, and be rounded, in 16 bits
+    with torch.autocast(u.device.type, enabled=False):
+        lse = _PairLSE.apply(u, v, tau, p_count, b, q_count, n, impl, need_dv)
+        diag = _diag(u, v, tau, p_count, b, q_count, n, rank * b)
     if w > 1:
         diag = _SumAcrossRanks.apply(diag)
     return (lse - 2 * diag) / (2 * n)

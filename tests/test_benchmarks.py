@@ -83,6 +83,27 @@ def test_equality_check_rejects_a_different_fast_path():
         bench_train.check_equal(ref, fast, batch, low_precision=False)
 
 
+def test_low_precision_equality_is_measured_against_fp32():
+    """Under autocast the fast path is compared with the reference's own bf16 error, both measured
+    against the reference in fp32; a different model still fails."""
+    from cosmos_fast.ema import build_teacher
+    from cosmos_fast.model import create_model
+
+    torch.manual_seed(0)
+    student = create_model(TINY, pool_impl="reference")
+    teacher = build_teacher(student)
+    dev = torch.device("cpu")
+    ref = bench_train.TrainPath("reference", student, teacher, "reference", "reference", dev, torch.bfloat16)
+    fast = bench_train.TrainPath("fast", student, teacher, "absorbed", "blockwise", dev, torch.bfloat16)
+    batch = bench_train.make_batch(2, 32, 16, 49408, 77)
+    ok = bench_train.check_equal(ref, fast, batch, low_precision=True)
+    assert 0 < ok["ref_lowp_grad_err"] and ok["fast_lowp_grad_err"] <= 2 * ok["ref_lowp_grad_err"] + 1e-3
+    with torch.no_grad():
+        fast.student.text_projection.mul_(1.5)
+    with pytest.raises(SystemExit, match="further from the fp32 reference"):
+        bench_train.check_equal(ref, fast, batch, low_precision=True)
+
+
 # ----------------------------------------------------------------------------- bench_cross_pool
 def test_bench_cross_pool_checks_every_provider_then_times(tmp_path):
     from benchmarks import bench_cross_pool as bcp
