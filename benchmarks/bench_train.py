@@ -399,7 +399,7 @@ def run(args) -> dict:
     mcfg = resolve_model_config(model_spec)
     image_size = mcfg.vision_cfg.image_size
     local_size = args.local_size or (96 if image_size >= 224 else max(mcfg.vision_cfg.patch_size, image_size // 2))
-    fast_pool = args.fast_pool or ("fused" if cuda else "absorbed")
+    fast_pool = args.fast_pool or ("shared" if cuda else "absorbed")       # what model.pool_impl=auto picks
     fast_loss = args.fast_loss or ("fused" if cuda else "blockwise")
     info = env_info(device)
     print(" ".join(f"{k}={v}" for k, v in info.items()),
@@ -463,8 +463,10 @@ def run(args) -> dict:
             from cosmos_fast.data.synthetic import write_demo_data
 
             data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="bench_train_shards_"))
+            # the torchvision loader needs a shard per worker
+            per_shard = max(1, args.data_samples // max(2, args.data_workers))
             shards = write_demo_data(data_dir, n_train=args.data_samples, n_val=1,
-                                     samples_per_shard=max(1, args.data_samples // 2), image_size=256)["train"]
+                                     samples_per_shard=per_shard, image_size=256)["train"]
         drows = time_loaders(shards, args.data_batch or args.batch, image_size, local_size, args.data_workers,
                              args.data_samples, device)
         fast_sps = rows[1]["samples_per_s"]
@@ -501,7 +503,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--local-size", type=int, default=0, help="local crop px (0: 96 for 224-px models, else half)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "amp_bf16", "amp_fp16"],
                     help="auto: amp_bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--fast-pool", default=None, help="pooling impl of the fast path (default fused on CUDA, absorbed on CPU)")
+    ap.add_argument("--fast-pool", default=None, help="pooling impl of the fast path (default shared on CUDA, absorbed on CPU)")
     ap.add_argument("--fast-loss", default=None, help="loss impl of the fast path (default fused/blockwise)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import os
 import platform
 import statistics
 import subprocess
@@ -30,9 +31,16 @@ RESULTS = REPO / "bench_results"
 
 
 def _git_sha() -> str:
+    """The commit the results belong to: $COSMOS_BENCH_COMMIT if set (for copies of the tree whose .git
+    is stale, such as a lent GPU machine's), else HEAD's short sha, with "+dirty" when tracked files
+    differ from HEAD."""
+    if os.environ.get("COSMOS_BENCH_COMMIT"):
+        return os.environ["COSMOS_BENCH_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True).returncode
+        return sha + ("+dirty" if dirty == 1 else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -103,6 +103,7 @@ def test_auto_picks_absorbed_when_it_saves_flops():
     assert resolve_cross_pool_impl("auto", cpu, (8, 8, 512)) == "absorbed"      # COSMOS: n·H = 64 < 512
     assert resolve_cross_pool_impl("auto", cpu, (8, 4, 32)) == "shared"         # n·H ≥ D: K/V is cheaper
     assert resolve_cross_pool_impl("absorbed", cpu, (8, 4, 32)) == "absorbed"
+    assert resolve_cross_pool_impl("auto", torch.device("cuda", 0), (8, 8, 512)) == "shared"  # measured fastest
 
 
 def test_absorbed_production_width_fp32_and_key_bias_gradient():
