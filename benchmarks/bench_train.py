@@ -351,9 +351,11 @@ def time_loaders(shards: str, batch: int, global_size: int, local_size: int, wor
     urls = expand_shards(shards)
     rows = []
     index_dir = tempfile.mkdtemp(prefix="bench_train_idx_")
+    # the torchvision loader splits an epoch's batches evenly over its workers
+    steps = -(-max(1, samples // batch) // max(1, workers)) * max(1, workers)
     for backend in backends:
         spec = StreamSpec(shards=urls, batch_size=batch, seed=0, rank=0, world=1, num_workers=workers,
-                          steps_per_epoch=max(1, samples // batch), resampled=False, shuffle_buffer=256,
+                          steps_per_epoch=steps, resampled=False, shuffle_buffer=256,
                           shuffle_initial=32, caption_mode="textcrop", num_captions=N_CAPS, string_fields="split",
                           global_size=global_size, local_size=local_size, n_local=N_LOCAL, crop_scale=0.4,
                           tokenizer_name="ViT-B-16", context_length=77)
