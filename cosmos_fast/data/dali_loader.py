@@ -18,7 +18,7 @@ the same image with the same parameters: Pillow's resampling, blends, luma, 8-bi
 box-blur approximation of the Gaussian and torchvision's float32 normalisation, each re-implemented
 with Pillow's arithmetic. DALI's CPU JPEG decoder gives PIL's pixels, so the whole CPU pipeline
 equals the torchvision backend given the same random draws (tests/test_dali.py, test_pil_crop.py).
-The kernel compiles once per process (~15 s on first use).
+The kernel and its hue tables compile once per process (~20 s on first use here).
 
 **Operator graph (the GPU; the CPU with ``hue_mode="float"|"linear"`` or without numba).** Each op is
 a DALI operator, gated by DALI conditionals, close to PIL but not equal:
@@ -87,9 +87,10 @@ Remote shards (``pipe:``, ``http(s)://``, ``s3://`` → ``pipe:aws s3 cp URL -``
 webdataset's ``gopen`` knows) are copied into ``cache_dir`` with ``retries`` attempts, checked for
 completeness and indexed there; a shard that cannot be fetched is counted as ``bad_shard`` and skipped.
 
-Speed (benchmarks/bench_data.py, 2 CPU threads, B = 32, 500×375 JPEGs, after the kernel compiled):
-torchvision 129 images/s, this backend's exact CPU path 305 (2.4×); the operator graph on the CPU
-is slower than PIL (89 images/s with ``"linear"``, 44 with ``"float"``). Per image on one core the
+Speed (benchmarks/bench_data.py, 2 CPU threads, B = 32, 500×375 JPEGs, after the kernel compiled;
+two runs): torchvision 129 / 126 images/s, this backend's exact CPU path 305 / 299 (2.4×); the
+operator graph on the CPU is slower than PIL (89 images/s with ``"linear"``, 44 with ``"float"``).
+Per image on one core the
 fused kernel needs ~3.7 ms for the 8 crops where torchvision's PIL ops take ~11 ms: Pillow's
 two-pass resampling with each pass one vector operation per output row (the horizontal pass on a
 transposed window), the box blur likewise, and the hue from lookup tables instead of four divisions.
