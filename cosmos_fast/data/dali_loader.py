@@ -90,10 +90,10 @@ completeness and indexed there; a shard that cannot be fetched is counted as ``b
 Speed (benchmarks/bench_data.py, 2 CPU threads, B = 32, 500×375 JPEGs, after the kernel compiled;
 two runs): torchvision 129 / 126 images/s, this backend's exact CPU path 305 / 299 (2.4×); the
 operator graph on the CPU is slower than PIL (89 images/s with ``"linear"``, 44 with ``"float"``).
-Per image on one core the
-fused kernel needs ~3.7 ms for the 8 crops where torchvision's PIL ops take ~11 ms: Pillow's
-two-pass resampling with each pass one vector operation per output row (the horizontal pass on a
-transposed window), the box blur likewise, and the hue from lookup tables instead of four divisions.
+Per image on one core the fused kernel needs ~3.7 ms for the 8 crops where torchvision's PIL ops
+take ~11 ms: Pillow's two-pass resampling with each pass one vector operation per output row (the
+horizontal pass on a transposed window), the box blur likewise, and the hue from lookup tables
+instead of four divisions.
 
 Tested on the DALI 2.4 CPU backend; the CUDA path (mixed decode, GPU ops) is the graph above and has
 not been run on a GPU.
