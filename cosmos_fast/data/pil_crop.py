@@ -9,7 +9,8 @@ the same random parameters the result is *equal* to torchvision's, not close to 
 
 * resize: Pillow's separable two-pass resampling (``Resample.c``): bicubic a = −0.5, support scaled
   by the reduction factor (antialiasing), coefficients normalised and rounded to 22-bit fixed point,
-  horizontal pass on the rows the vertical pass needs, then the vertical pass;
+  the horizontal pass on the rows the vertical pass needs, then the vertical pass — or, as Pillow 13
+  does when the height shrinks much more than the width, vertical first;
 * brightness / contrast / saturation: ``ImageEnhance`` = ``Image.blend`` of the image with black, with
   the rounded mean luma, with its own luma; float32 blend, truncated (clipped when extrapolating);
 * luma (``convert("L")``, also grayscale): (19595 R + 38470 G + 7471 B + 2^15) >> 16;
@@ -19,9 +20,11 @@ the same random parameters the result is *equal* to torchvision's, not close to 
 * solarize (threshold 128), then x / 255, − mean, / std in float32 (``ToTensor`` + ``Normalize``).
 
 A horizontal flip commutes with every step after the resize (all are pointwise or mirror-symmetric),
-so it is applied when the output is written. The DALI CPU pipeline calls :func:`crop_op` once per crop
+so it is applied when the output is written. The DALI CPU pipeline calls :func:`dali_op` once per crop
 (decoded image + a parameter vector, :data:`PARAM_FIELDS`) — one pass over the crop window and a few
-over the crop instead of a dozen DALI operators. :func:`augment_crop` runs the kernel on a numpy image.
+over the crop instead of a dozen DALI operators. :func:`augment_crop` runs the kernel on a numpy image;
+:func:`reference_crop` makes the same crop with torchvision's functions (the tests' and benchmark's
+reference).
 
 Needs numba (optional: :func:`cosmos_fast.data.pil_hue.available`).
 """
@@ -39,16 +42,16 @@ from .transforms import OPENAI_MEAN, OPENAI_STD
 # the random parameters of one crop, in the order of the kernel's parameter vector
 PARAM_FIELDS = ("y0", "x0", "h", "w", "flip", "jitter", "brightness", "contrast", "saturation", "hue", "order",
                 "gray", "blur", "radius", "solarize")
-# torchvision ColorJitter applies its four ops in the order of torch.randperm(4): one of 24
 # Pillow 13 resizes vertically first when the height shrinks much more than the width (PR #9549)
 VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
+# torchvision ColorJitter applies its four ops in the order of torch.randperm(4): one of 24
 JITTER_ORDERS = np.array(list(itertools.permutations(range(4))), dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=None)
 def kernels():
-    """The njit functions: ``augment(out, img, params, mean, std)`` writes the normalised CHW float32
-    crop of side ``out.shape[1]`` from the HWC uint8 ``img``."""
+    """``(augment, coeffs, box_radius)``: ``augment(out, img, params, mean, std, hue_tables)`` writes the
+    normalised CHW float32 crop of side ``out.shape[1]`` from the flat (H, W·3) uint8 image ``img``."""
     from numba import njit
 
     shift_flat = pil_hue.kernels()[1]
@@ -96,9 +99,7 @@ def kernels():
                 kk[xx, x] = w[x]
             bounds[xx, 0] = xmin
             bounds[xx, 1] = xmax
-        # 16-bit taps with as many fraction bits (< 22) as keep the largest one below 2^15
-        top = kk.max()
-        bits = 22
+        bits = 22                     # Pillow's PRECISION_BITS for 8-bit images
         taps = np.zeros((out_size, ksize), dtype=np.int64)
         for xx in range(out_size):
             for x in range(ksize):
