@@ -6,7 +6,10 @@
 Shards of synthetic photos (JPEG, 500×375 by default, with DreamLIP json) are written with the shard
 writer (validated DALI indexes). Providers:
 
-* ``torchvision``: :class:`WebDatasetLoader` with ``--threads`` worker processes (1 torch thread each);
+* ``torchvision``: :class:`WebDatasetLoader` with ``--threads`` worker processes (1 torch thread each),
+  torchvision's PIL ops (``augment="pil"``);
+* ``torchvision-fused``: the same loader with ``augment="fused"`` (the same crops from the Numba kernel;
+  its first batch is checked equal to ``torchvision``'s, bit for bit, before timing);
 * ``dali``: :class:`DaliWebDatasetLoader` with ``--threads`` DALI threads, ``hue_mode="exact"`` (the
   default: on the CPU, with numba, one fused kernel per crop that equals torchvision's crops bit for
   bit, :mod:`cosmos_fast.data.pil_crop`; on the GPU the operator graph);
@@ -26,6 +29,7 @@ torchvision) go to bench_results/data/<device>_<date>_<sha>.csv.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import statistics
 import sys
@@ -67,7 +71,9 @@ def make_spec(shards, batch, steps, threads) -> StreamSpec:
 
 def make_loader(provider: str, spec: StreamSpec, device: str):
     if provider == "torchvision":
-        return WebDatasetLoader(spec)
+        return WebDatasetLoader(dataclasses.replace(spec, augment="pil"))
+    if provider == "torchvision-fused":
+        return WebDatasetLoader(dataclasses.replace(spec, augment="fused"))
     from cosmos_fast.data.dali_loader import DaliWebDatasetLoader
 
     hue = {"dali-linear-hue": "linear", "dali-float-hue": "float"}.get(provider, "exact")
@@ -103,6 +109,15 @@ def check_layout(ref: dict, batch: dict, provider: str):
                          f"torchvision {want} / {tuple(ref['captions'].shape)}")
 
 
+def check_same_batch(ref: dict, batch: dict, provider: str):
+    """The fused torchvision transform must give the PIL transform's batch exactly (same seeds)."""
+    same = ref["keys"] == batch["keys"] and torch.equal(ref["captions"], batch["captions"]) and all(
+        torch.equal(a, b) for a, b in zip(ref["crops"], batch["crops"]))
+    if not same:
+        raise SystemExit(f"{provider}: the first batch differs from torchvision's; not timing a wrong pipeline")
+    print(f"{provider}: first batch equal to torchvision's, bit for bit")
+
+
 def check_exact(shard: str, n: int, threads: int) -> int:
     """Before timing, on the CPU: the DALI pipeline's crops of the first ``n`` images of ``shard`` equal,
     bit for bit, torchvision's crops of the PIL-decoded JPEGs made with the random parameters DALI drew
@@ -136,7 +151,8 @@ def check_exact(shard: str, n: int, threads: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--providers", nargs="+", default=["torchvision", "dali", "dali-float-hue", "dali-linear-hue"])
+    p.add_argument("--providers", nargs="+",
+                   default=["torchvision", "torchvision-fused", "dali", "dali-float-hue", "dali-linear-hue"])
     p.add_argument("--device", default="cpu", help="DALI output device: cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torchvision workers = DALI threads")
     p.add_argument("--batch-size", type=int, default=32)
@@ -171,7 +187,7 @@ def main(argv=None) -> int:
             k = check_exact(shards[0], 8, args.threads)
             print(f"dali (cpu, exact): {k} crops equal torchvision's, bit for bit ({time.perf_counter() - t0:.1f} s, "
                   f"includes the kernel's compilation)")
-    ref = None
+    ref, firsts = None, {}
     runs = {prov: [] for prov in args.providers}
     for rep in range(args.reps):
         for prov in args.providers:
@@ -179,6 +195,9 @@ def main(argv=None) -> int:
             if ref is None:
                 ref = r["first"]
             check_layout(ref, r["first"], prov)
+            firsts.setdefault(prov, r["first"])
+            if prov == "torchvision-fused" and "torchvision" in firsts:
+                check_same_batch(firsts["torchvision"], r["first"], prov)
             runs[prov].append(r)
             print(f"rep {rep} {prov:16s} start-up {r['startup_s']:6.2f} s   "
                   f"{args.steps * args.batch_size / r['elapsed_s']:7.1f} images/s")

@@ -44,6 +44,9 @@ class DataSection:
     batch_size: int = _f(64, "per-device batch B; the global batch is B × world size")
     expected_global_batch: typing.Optional[int] = _f(None, "if set, B × world size must equal it (checked at start)")
     num_workers: int = _f(4, "data-loader worker processes per rank")
+    augment: str = _f("auto", "how the torchvision backend makes crops: pil (torchvision's PIL ops), fused (the "
+                      "same crops bit for bit from a Numba kernel, faster; needs numba) or auto (fused when "
+                      "numba is installed)")
     worker_start: str = _f("forkserver", "how workers start: forkserver (clean process, default), spawn or fork "
                            "(copies the trainer's thread pools; can crash workers)")
     caption_mode: str = _f("textcrop", "textcrop (DreamLIP fields) or textcrop_pixelprose")
@@ -248,6 +251,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
 
     from .data.captions import MODES, STRING_FIELD_POLICIES
     from .data.loader import WORKER_START_METHODS
+    from .data.transforms import AUGMENT_IMPLS
     from .ops import CONTRASTIVE_IMPLS, CROSS_POOL_IMPLS
     from .data.loader import expand_shards
     from .model.config import resolve_model_config
@@ -264,6 +268,12 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
     _choice("data.worker_start", d.worker_start, WORKER_START_METHODS)
+    _choice("data.augment", d.augment, AUGMENT_IMPLS)
+    if d.augment == "fused":
+        from .data import pil_hue
+
+        if not pil_hue.available():
+            raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use 'pil' or 'auto'")
     _choice("model.pool_impl", cfg.model.pool_impl, ("auto",) + CROSS_POOL_IMPLS)
     _choice("model.loss_impl", cfg.model.loss_impl, ("auto",) + CONTRASTIVE_IMPLS)
     _choice("ema.schedule", e.schedule, ("fixed", "cosine"))

@@ -182,7 +182,7 @@ class Trainer:
             caption_mode=d.caption_mode, num_captions=d.num_captions, string_fields=d.string_fields,
             global_size=d.global_size or m.vision_cfg.image_size, local_size=d.local_size,
             n_local=d.local_crops, crop_scale=d.crop_scale, tokenizer_name="ViT-B-16",
-            context_length=m.text_cfg.context_length, worker_start=d.worker_start)
+            context_length=m.text_cfg.context_length, worker_start=d.worker_start, augment=d.augment)
         from .data.backends import build_loader, resolve_backend
 
         backend = resolve_backend(d.backend)

@@ -257,10 +257,15 @@ def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
     args = ["--images", "16", "--per-shard", "8", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--reps", "1",
             "--size", "160x120", "--data-dir", str(tmp_path / "shards")]
-    assert bench_data.main(["--providers", "torchvision", "dali"] + args) == 0
+    assert bench_data.main(["--providers", "torchvision", "torchvision-fused", "dali"] + args) == 0
     rows = _read(next((tmp_path / "results" / "data").glob("*.csv")))
-    assert [r["provider"] for r in rows] == ["torchvision", "dali"]
+    assert [r["provider"] for r in rows] == ["torchvision", "torchvision-fused", "dali"]
     assert all(float(r["images_per_s"]) > 0 for r in rows) and rows[0]["ratio_vs_torchvision"] == "1.0"
+    batch = {"keys": ["a"], "captions": torch.zeros(8, 77, dtype=torch.int64), "crops": [torch.zeros(1, 3, 4, 4)]}
+    bench_data.check_same_batch(batch, batch, "torchvision-fused")
+    other = dict(batch, crops=[torch.full((1, 3, 4, 4), 1e-7)])
+    with pytest.raises(SystemExit, match="differs from torchvision"):
+        bench_data.check_same_batch(batch, other, "torchvision-fused")
     real = pil_crop.reference_crop
     monkeypatch.setattr(pil_crop, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
     with pytest.raises(SystemExit, match="differs from torchvision"):

@@ -210,3 +210,32 @@ def test_resume_mid_epoch_is_exact(shards, workers, stop):
     for x, y in zip(got, full):
         assert torch.equal(x["captions"], y["captions"])
         assert all(torch.equal(a, b) for a, b in zip(x["crops"], y["crops"]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fused_augment_gives_the_same_batches(tmp_path, workers):
+    """data.augment=fused (the Numba kernel) yields exactly the batches of the PIL ops, also from
+    forkserver workers (which load the kernel from Numba's disk cache)."""
+    pytest.importorskip("numba")
+    urls = write_shards(tmp_path, 2, 10)
+    kw = dict(num_workers=workers, steps_per_epoch=4, n_local=2)
+    pil = all_batches(WebDatasetLoader(spec(urls, augment="pil", **kw)))
+    fused_loader = WebDatasetLoader(spec(urls, augment="auto", **kw))
+    assert fused_loader.spec.augment == "fused"
+    fused = all_batches(fused_loader)
+    assert len(pil) == len(fused) == 4
+    for a, b in zip(pil, fused):
+        assert a["keys"] == b["keys"] and torch.equal(a["captions"], b["captions"])
+        assert all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"]))
+
+
+def test_augment_choice_is_validated(tmp_path, monkeypatch):
+    from cosmos_fast.data import pil_hue
+
+    urls = write_shards(tmp_path, 1, 4)
+    with pytest.raises(ValueError, match="data.augment"):
+        WebDatasetLoader(spec(urls, augment="simd"))
+    monkeypatch.setattr(pil_hue, "available", lambda: False)
+    assert WebDatasetLoader(spec(urls, augment="auto")).spec.augment == "pil"
+    with pytest.raises(ValueError, match="needs numba"):
+        WebDatasetLoader(spec(urls, augment="fused"))

@@ -178,3 +178,25 @@ def test_augment_crop_validates_its_input():
     assert torch.from_numpy(augment_crop(np.zeros((10, 10, 3), np.uint8), vector(_case(0, 0, 5, 5)), 8)).shape \
         == (3, 8, 8)
     assert pil_crop.VERTICAL_FIRST == (int(Image.__version__.split(".")[0]) >= 13)
+
+
+@pytest.mark.parametrize("sizes", [(224, 96, 6), (48, 24, 3)], ids=["cosmos", "small"])
+def test_fused_transform_equals_multicrop_transform(sizes):
+    """FusedMultiCropTransform draws the same random numbers as MultiCropTransform, in the same order,
+    so under one seed the two give the same tensors; the generator ends in the same state too."""
+    from cosmos_fast.data.transforms import FusedMultiCropTransform
+
+    g, l, n = sizes
+    rng = np.random.default_rng(g)
+    pil, fused = MultiCropTransform(g, l, n_local=n), FusedMultiCropTransform(g, l, n_local=n)
+    for seed in range(5):
+        img = make_scene(rng, 300)[0].resize((int(rng.integers(100, 400)), int(rng.integers(100, 400))))
+        with seeded(seed):
+            want = pil(img)
+            after_pil = torch.rand(1)
+        with seeded(seed):
+            got = fused(img)
+            after_fused = torch.rand(1)
+        assert len(got) == len(want) == 2 + n
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), seed
+        assert torch.equal(after_pil, after_fused)

@@ -32,6 +32,7 @@ any forkserver/spawn program, a script of your own that iterates a loader needs 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -49,7 +50,7 @@ import torch
 from PIL import Image
 
 from .captions import CaptionRecordError, Tokenizer, caption_pool, sample_captions
-from .transforms import MultiCropTransform, seeded
+from .transforms import FusedMultiCropTransform, MultiCropTransform, resolve_augment, seeded
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class StreamSpec:
     tokenizer_name: str
     context_length: int
     worker_start: str = "forkserver"
+    augment: str = "pil"          # pil: torchvision's PIL ops; fused: the same crops from pil_crop's kernel
 
 
 class _Skips:
@@ -276,7 +278,8 @@ class SampleStream:
     def _make(self, img, record, position: int):
         s = self.spec
         if self._transform is None:
-            self._transform = MultiCropTransform(s.global_size, s.local_size, s.crop_scale, 2, s.n_local)
+            cls = FusedMultiCropTransform if s.augment == "fused" else MultiCropTransform
+            self._transform = cls(s.global_size, s.local_size, s.crop_scale, 2, s.n_local)
             self._tokenizer = Tokenizer(s.tokenizer_name, s.context_length)
         seed = _seed(s.seed, self.epoch, s.rank, self.worker, 4, position)
         with seeded(seed):
@@ -343,6 +346,12 @@ class WebDatasetLoader:
                              f"worker needs a shard (set data.num_workers lower or data.resampled=true)")
         if spec.steps_per_epoch % nw:
             raise ValueError(f"steps_per_epoch {spec.steps_per_epoch} is not a multiple of {nw} workers")
+        spec = dataclasses.replace(spec, augment=resolve_augment(spec.augment))
+        if spec.augment == "fused":
+            # compile (or load from Numba's disk cache) here once, so the workers only load the cache
+            from .pil_crop import augment_crop
+
+            augment_crop(np.zeros((2, 2, 3), np.uint8), [0, 0, 2, 2] + [0] * 11, 16)
         self.spec = spec
         self.epoch = 0
         self.consumed = 0

@@ -46,6 +46,7 @@ PARAM_FIELDS = ("y0", "x0", "h", "w", "flip", "jitter", "brightness", "contrast"
 VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 # torchvision ColorJitter applies its four ops in the order of torch.randperm(4): one of 24
 JITTER_ORDERS = np.array(list(itertools.permutations(range(4))), dtype=np.int64)
+ORDER_INDEX = {tuple(o): i for i, o in enumerate(JITTER_ORDERS.tolist())}
 
 
 def kernels():
