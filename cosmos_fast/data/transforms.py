@@ -85,7 +85,8 @@ class FusedMultiCropTransform(MultiCropTransform):
     The random parameters come from torch's generator exactly as the torchvision transforms draw
     them (each transform's own ``get_params`` and coins, in the same order), then one kernel call makes
     the crop with Pillow's arithmetic, so the tensors equal :class:`MultiCropTransform`'s bit for bit
-    under the same seed (tests/test_pil_crop.py) at ~2.4× the speed. Needs numba."""
+    under the same seed (tests/test_pil_crop.py); the loader ran 2.0× as fast with it (bench_data.py,
+    2 workers). Needs numba."""
 
     def _params(self, comp: T.Compose, img: Image.Image) -> tuple[dict, int]:
         from .pil_crop import ORDER_INDEX
