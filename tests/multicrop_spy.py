@@ -1,5 +1,6 @@
 """Spy on the torchvision multi-crop recipe: which random ops ran for which crop kind, with their
-parameters (shared by the transform and DALI tests)."""
+parameters (shared by the transform, DALI and fused-kernel tests)."""
+import contextlib
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -11,6 +12,42 @@ from cosmos_fast.data import transforms as mt
 from cosmos_fast.data.transforms import MultiCropTransform, seeded
 
 KINDS = ("global1", "global2", "local")
+SPIED = ("hflip", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_grayscale",
+         "solarize")
+
+
+@contextlib.contextmanager
+def spying(on_op, on_window, on_blur):
+    """While active, MultiCropTransform's random steps report to the callbacks, then run unchanged:
+    ``on_op(name, args)`` for each torchvision function in :data:`SPIED`, ``on_window(img, (i, j, h,
+    w))`` for each RandomResizedCrop window drawn, ``on_blur(radius)`` for each PIL Gaussian blur."""
+    orig = {f: getattr(TF, f) for f in SPIED}
+    orig_params, orig_blur = T.RandomResizedCrop.get_params, mt.ImageFilter.GaussianBlur
+
+    def spy(fname):
+        def f(*a, **k):
+            on_op(fname, a)
+            return orig[fname](*a, **k)
+        return f
+
+    def params(img, scale, ratio):
+        window = orig_params(img, scale, ratio)
+        on_window(img, window)
+        return window
+
+    def blur(radius):
+        on_blur(radius)
+        return orig_blur(radius=radius)
+
+    mp = pytest.MonkeyPatch()
+    for fname in orig:
+        mp.setattr(TF, fname, spy(fname))
+    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
+    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
+    try:
+        yield
+    finally:
+        mp.undo()
 
 
 def spy_multicrop(images, global_size=32, local_size=16, crop_scale=0.4, seed=0):
@@ -32,43 +69,27 @@ def spy_multicrop(images, global_size=32, local_size=16, crop_scale=0.4, seed=0)
             pixels[name].append(out.numpy())
             return out
         setattr(tf, name, wrapped)
-    orig = {f: getattr(TF, f) for f in ("hflip", "adjust_brightness", "adjust_contrast", "adjust_saturation",
-                                        "adjust_hue", "rgb_to_grayscale", "solarize")}
-    orig_params, orig_blur = T.RandomResizedCrop.get_params, mt.ImageFilter.GaussianBlur
 
-    def spy(fname):
-        def f(*a, **k):
-            counts[current["kind"]][fname] += 1
-            if fname.startswith("adjust_"):
-                op = fname[len("adjust_"):]
-                factors[current["kind"]][op].append(a[1])
-                crop = (current["kind"], counts[current["kind"]]["crops"])
-                if current.get("crop") != crop:                                   # first jitter op of this crop
-                    current["crop"] = crop
-                    factors[current["kind"]]["first"].append(op)
-            return orig[fname](*a, **k)
-        return f
+    def on_op(fname, a):
+        counts[current["kind"]][fname] += 1
+        if fname.startswith("adjust_"):
+            op = fname[len("adjust_"):]
+            factors[current["kind"]][op].append(a[1])
+            crop = (current["kind"], counts[current["kind"]]["crops"])
+            if current.get("crop") != crop:                                   # first jitter op of this crop
+                current["crop"] = crop
+                factors[current["kind"]]["first"].append(op)
 
-    def params(img, scale, r):
-        i, j, h, w = orig_params(img, scale, r)
+    def on_window(img, window):
+        _, _, h, w = window
         area[current["kind"]].append(h * w / (img.size[0] * img.size[1]))
         ratio[current["kind"]].append(w / h)
-        return i, j, h, w
 
-    def blur(radius):
+    def on_blur(radius):
         counts[current["kind"]]["blur"] += 1
         radii[current["kind"]].append(radius)
-        return orig_blur(radius=radius)
 
-    mp = pytest.MonkeyPatch()
-    for fname in orig:
-        mp.setattr(TF, fname, spy(fname))
-    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
-    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
-    try:
-        with seeded(seed):
-            for img in images:
-                tf(img)
-    finally:
-        mp.undo()
+    with spying(on_op, on_window, on_blur), seeded(seed):
+        for img in images:
+            tf(img)
     return counts, area, ratio, radii, {k: np.stack(v) for k, v in pixels.items()}, factors

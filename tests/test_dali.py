@@ -55,6 +55,15 @@ def z_two(k1, n1, k2, n2) -> float:
     return abs(k1 / n1 - k2 / n2) / (p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5
 
 
+def write_tar(path, files):
+    """A plain tar of (member name, bytes) pairs, in their order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("dali_shards"), 4, 10)
@@ -100,12 +109,7 @@ def test_black_images_normalise_exactly(tmp_path):
     rec = json.dumps({"raw_caption": ["a black picture"], **{f: [] for f in
                       ("shortIB_captions", "shortSV_captions", "shortLLA_captions", "longIB_captions",
                        "longSV_captions", "longLLA_captions")}}).encode()
-    with tarfile.open(path, "w") as tf:
-        for i in range(8):
-            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.json", rec)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+    write_tar(path, ((f"k{i}.{ext}", data) for i in range(8) for ext, data in (("png", buf.getvalue()), ("json", rec))))
     batch = next(iter(dali(spec([str(path)], steps_per_epoch=1, n_local=2))))
     ref = next(iter(WebDatasetLoader(spec([str(path)], steps_per_epoch=1, n_local=2))))
     want = torch.tensor([-m / s for m, s in zip(OPENAI_MEAN, OPENAI_STD)]).view(1, 3, 1, 1)
@@ -219,17 +223,17 @@ def scenes(tmp_path_factory):
     rng = np.random.default_rng(1)
     path = tmp_path_factory.mktemp("scenes") / "scenes.tar"
     images = []
-    with tarfile.open(path, "w") as tf:
+
+    def files():
         for i in range(N_IMAGES):
             img, rec = make_scene(rng, 72)
             img = img.resize((72, 48), Image.BICUBIC)
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             images.append(img)
-            for name, data in ((f"p{i:04d}.png", buf.getvalue()), (f"p{i:04d}.json", json.dumps(rec).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+            yield f"p{i:04d}.png", buf.getvalue()
+            yield f"p{i:04d}.json", json.dumps(rec).encode()
+    write_tar(path, files())
     write_index(path)
     return str(path), images
 
@@ -342,7 +346,8 @@ def jpeg_scenes(tmp_path_factory):
     rng = np.random.default_rng(5)
     path = tmp_path_factory.mktemp("jpeg") / "jpeg.tar"
     images = []
-    with tarfile.open(path, "w") as tf:
+
+    def files():
         for i in range(24):
             size = (int(rng.integers(40, 160)), int(rng.integers(40, 160)))
             buf = io.BytesIO()
@@ -350,11 +355,9 @@ def jpeg_scenes(tmp_path_factory):
             img.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=int(rng.choice([70, 90])),
                                                  subsampling=int(rng.choice([0, 2])))
             images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-            rec = json.dumps(rec).encode()
-            for name, data in ((f"j{i:03d}.jpg", buf.getvalue()), (f"j{i:03d}.json", rec)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+            yield f"j{i:03d}.jpg", buf.getvalue()
+            yield f"j{i:03d}.json", json.dumps(rec).encode()
+    write_tar(path, files())
     write_index(path)
     return str(path), images
 

@@ -13,17 +13,15 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision import transforms as T
 
 pytest.importorskip("numba")
 
 from cosmos_fast.data import pil_crop, pil_hue  # noqa: E402
-from cosmos_fast.data import transforms as mt  # noqa: E402
-from cosmos_fast.data.pil_crop import JITTER_ORDERS, PARAM_FIELDS, augment_crop, reference_crop  # noqa: E402
+from cosmos_fast.data.pil_crop import ORDER_INDEX, PARAM_FIELDS, augment_crop, reference_crop  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
 from cosmos_fast.data.transforms import MultiCropTransform, seeded  # noqa: E402
+from multicrop_spy import spying  # noqa: E402
 
-ORDER_INDEX = {tuple(o): i for i, o in enumerate(JITTER_ORDERS.tolist())}
 JITTER_FNS = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")
 
 
@@ -52,37 +50,22 @@ def record_multicrop(img: Image.Image, seed: int, global_size: int, local_size: 
         return run
     for name in ("global1", "global2", "local"):
         setattr(tf, name, delimit(getattr(tf, name)))
-    orig = {f: getattr(TF, f) for f in ("hflip", "rgb_to_grayscale", "solarize") + JITTER_FNS}
-    orig_params, orig_blur = T.RandomResizedCrop.get_params, mt.ImageFilter.GaussianBlur
 
-    def spy(fname):
-        def f(*a, **k):
-            if fname in JITTER_FNS:
-                current["order"].append(JITTER_FNS.index(fname))
-                current[fname[len("adjust_"):]] = a[1]
-            else:
-                current[{"hflip": "flip", "rgb_to_grayscale": "gray", "solarize": "solarize"}[fname]] = 1
-            return orig[fname](*a, **k)
-        return f
+    def on_op(fname, a):
+        if fname in JITTER_FNS:
+            current["order"].append(JITTER_FNS.index(fname))
+            current[fname[len("adjust_"):]] = a[1]
+        else:
+            current[{"hflip": "flip", "rgb_to_grayscale": "gray", "solarize": "solarize"}[fname]] = 1
 
-    def params(im, scale, ratio):
-        current["y0"], current["x0"], current["h"], current["w"] = orig_params(im, scale, ratio)
-        return current["y0"], current["x0"], current["h"], current["w"]
+    def on_window(im, window):
+        current["y0"], current["x0"], current["h"], current["w"] = window
 
-    def blur(radius):
+    def on_blur(radius):
         current["blur"], current["radius"] = 1, radius
-        return orig_blur(radius=radius)
 
-    mp = pytest.MonkeyPatch()
-    for fname in orig:
-        mp.setattr(TF, fname, spy(fname))
-    mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
-    mp.setattr(mt.ImageFilter, "GaussianBlur", blur)
-    try:
-        with seeded(seed):
-            outs = tf(img)
-    finally:
-        mp.undo()
+    with spying(on_op, on_window, on_blur), seeded(seed):
+        outs = tf(img)
     return [o.numpy() for o in outs], crops
 
 
