@@ -140,7 +140,6 @@ def check_exact(shard: str, n: int, threads: int) -> int:
     for i, img in enumerate(images):
         for j in range(N_CROPS):
             p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
-            p["radius"] = p["sigma"]
             want = reference_crop(img, {f: p[f] for f in PARAM_FIELDS}, 224 if j < 2 else 96)
             got = np.asarray(crops[j][i])
             if not np.array_equal(got, want):

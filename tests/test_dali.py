@@ -281,7 +281,7 @@ def test_random_op_rates_match_torchvision(dali_params, torchvision_params, kind
         print(kind, field, "dali", k / n, "torchvision", counts[tv_name] / n, "nominal", nominal)
         assert z_two(k, n, counts[tv_name], n) < 4, field
         assert abs(k / n - nominal) <= 4 * (nominal * (1 - nominal) / n) ** 0.5 + 1e-9, field
-    sig = p["sigma"]
+    sig = p["radius"]
     assert sig.min() >= 0.1 and sig.max() <= 2.0
     assert ks(sig, torchvision_params[3][kind] or [0.1, 2.0]) < ks_limit(n, max(1, len(torchvision_params[3][kind])))
 
@@ -381,7 +381,6 @@ def test_exact_cpu_pipeline_equals_torchvision_crops(jpeg_scenes):
             for j in range(8):
                 p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
                 assert (p["img_h"], p["img_w"]) == (img.height, img.width)
-                p["radius"] = p["sigma"]
                 want = augment_crop(np.asarray(img), [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
                 assert np.array_equal(np.asarray(crops[j][i]), want), (run, i, j, p)
                 checked.update(f for f in ("flip", "jitter", "gray", "blur", "solarize") if p[f])

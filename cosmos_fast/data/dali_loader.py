@@ -120,6 +120,7 @@ import torch
 
 from .captions import CaptionRecordError, Tokenizer, sample_captions
 from .loader import IMAGE_KEYS, StreamSpec, _seed, local_tar_problem
+from .pil_crop import PARAM_FIELDS
 from .shards import ShardError, index_path, read_report, write_index
 from .transforms import OPENAI_MEAN, OPENAI_STD
 
@@ -320,9 +321,9 @@ def _solarize(img):
     return fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
 
 
-# per-crop random parameters returned by ``build_pipeline(debug=True)``, in this order
-DEBUG_FIELDS = ("y0", "x0", "h", "w", "img_h", "img_w", "flip", "jitter", "gray", "blur", "sigma", "solarize",
-                "brightness", "contrast", "saturation", "hue", "order")
+# per-crop random parameters returned by ``build_pipeline(debug=True)``, in this order: the fused
+# kernel's parameter vector (the blur radius is PIL's radius, DALI's sigma), then the image size
+DEBUG_FIELDS = PARAM_FIELDS + ("img_h", "img_w")
 
 
 def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: float, gpu: bool,
@@ -348,14 +349,16 @@ def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: 
         return fn.reshape(fn.cast(x, dtype=types.FLOAT), shape=[-1])
 
     always, never = flip * 0 + 1, flip * 0               # per-sample constants for ops without a coin
-    blur_on = always if blur is None else blur
-    solar_on = never if solar is None else solar
-    if resolve_hue_mode(hue_mode, gpu) == "pil":
-        from . import pil_crop
-
+    fused = resolve_hue_mode(hue_mode, gpu) == "pil"
+    params = None
+    if fused or debug:                                    # the crop's parameters in PARAM_FIELDS order
         params = fn.cat(vec(anchor), vec(extent), vec(flip), vec(jitter),
                         *[vec(jitter_params[k]) for k in ("brightness", "contrast", "saturation", "hue", "order")],
-                        vec(gray), vec(blur_on), vec(sigma), vec(solar_on))          # pil_crop.PARAM_FIELDS
+                        vec(gray), vec(always if blur is None else blur), vec(sigma),
+                        vec(never if solar is None else solar))
+    if fused:
+        from . import pil_crop
+
         out = pil_crop.dali_crop(images, params, size)
     else:
         start = fn.cast(anchor, dtype=types.FLOAT)
@@ -377,10 +380,7 @@ def _one_crop(images, shape, size: int, area: tuple, blur_p: float, solarize_p: 
                                        mean=[255.0 * m for m in OPENAI_MEAN], std=[255.0 * s for s in OPENAI_STD])
     if not debug:
         return out, None
-    params = fn.cat(vec(anchor), vec(extent), vec(shape[0:2]), vec(flip), vec(jitter), vec(gray), vec(blur_on),
-                    vec(sigma), vec(solar_on),
-                    *[vec(jitter_params[k]) for k in ("brightness", "contrast", "saturation", "hue", "order")])
-    return out, params
+    return out, fn.cat(params, vec(shape[0:2]))                           # DEBUG_FIELDS
 
 
 def multicrop_graph(encoded, images, global_size: int, local_size: int, crop_scale: float, n_local: int,
