@@ -40,10 +40,11 @@ def cmd_make_demo_data(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_checkpoint
+    from .model.checkpoint import CheckpointMismatchError
 
     try:
-        path = export_checkpoint(args.checkpoint, args.output, args.model_name)
-    except (FileNotFoundError, ValueError) as e:
+        path = export_checkpoint(args.checkpoint, args.output, args.model_name, trust=args.trust_checkpoint)
+    except (FileNotFoundError, ValueError, CheckpointMismatchError, OSError) as e:
         print(f"cosmos-fast export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed tag folder or checkpoint file")
     e.add_argument("--output", required=True)
     e.add_argument("--model-name", default=None, help="model config name when the checkpoint lacks it")
+    e.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint in full: such a file can run arbitrary code, so only for files "
+                        "you trust (default: only tensors, plain containers and a few known types are read)")
     e.set_defaults(func=cmd_export)
     from .data.shards import add_make_shards_parser
     from .eval.cli import add_eval_parser
@@ -97,7 +101,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("demo", "train", "eval", "export", "make-shards", "make-demo-data", "-h", "--help"):
         argv = ["demo", *argv]
-    args = parser.parse_args(argv)
+    if argv and argv[0] in ("demo", "train"):
+        from .train import parse_with_overrides
+
+        args = parse_with_overrides(parser, argv)
+    else:
+        args = parser.parse_args(argv)
     return args.func(args)
 
 

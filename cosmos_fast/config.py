@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,11 @@ class ModelSection:
 class DataSection:
     backend: str = _f("torchvision", "image pipeline: torchvision (CPU workers), dali (NVIDIA DALI: GPU decode + "
                       "augmentation on CUDA, CPU backend otherwise) or auto (dali with CUDA, else torchvision)")
-    train_shards: str = _f("", "webdataset shards: brace pattern(s), '::' joins sources")
+    train_shards: str = _f("", "webdataset shards: brace pattern(s), '::' joins sources; a 'pipe:CMD' URL runs CMD "
+                           "in a shell, so a shard list from someone else can run commands (see data.allow_pipe)")
     val_shards: str = _f("", "held-out retrieval shards (json field retrieval_captions); empty = none")
+    allow_pipe: bool = _f(True, "accept shard URLs that run a shell command: 'pipe:CMD' (webdataset's design) and "
+                          "s3:// (read through 'aws s3 cp'); false refuses them at start")
     train_num_samples: int = _f(0, "samples per epoch (official --train-num-samples)")
     batch_size: int = _f(64, "per-device batch B; the global batch is B × world size")
     expected_global_batch: typing.Optional[int] = _f(None, "if set, B × world size must equal it (checked at start)")
@@ -91,6 +95,7 @@ class TrainSection:
     save_every_steps: int = _f(1000, "also write epoch_latest.pt every N steps (0 = only at epoch ends)")
     eval_every_steps: int = _f(0, "retrieval eval on data.val_shards every N steps (0 = only at the end)")
     max_nonfinite: int = _f(5, "stop after this many non-finite losses in a row")
+    memory_check: bool = _f(True, "refuse at start a batch whose estimated activations exceed the device's free memory")
     auto_resume: bool = _f(True, "without --resume, continue from the newest complete checkpoint in OUTPUT")
     progress: bool = _f(True, "show a progress bar")
     tensorboard: bool = _f(True, "write TensorBoard scalars to OUTPUT/tb")
@@ -153,6 +158,25 @@ def _suggest(word, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _number(value, hint):
+    """A number written as a user writes it: YAML 1.1 reads ``5e-4`` and ``1e23`` (no dot) as strings,
+    so those strings are parsed here; ints accept an integral float (``1e3``)."""
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if hint is int and isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    return value
+
+
 def _coerce(path: str, value, hint):
     origin = typing.get_origin(hint)
     if origin is typing.Union:
@@ -163,12 +187,12 @@ def _coerce(path: str, value, hint):
     if hint is bool:
         if isinstance(value, bool):
             return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif hint in (int, float):
+        number = _number(value, hint)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config field {path} = {value!r} must be a finite number")
+            return hint(number)
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -218,13 +242,24 @@ def load_config(preset_or_path: str | None = None, overrides=()) -> Config:
                 raise ConfigError(f"unknown preset {preset_or_path!r}; presets: {', '.join(list_presets())}")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        apply_dict(cfg, yaml.safe_load(path.read_text()) or {}, str(path))
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read: {e}") from None
+        apply_dict(cfg, _yaml(text, f"config file {path}") or {}, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set(cfg, key.strip(), _yaml(raw, f"override {item!r}") if raw.strip() else "")
     return cfg
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def save_config(cfg: Config, path) -> None:
@@ -253,12 +288,19 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     from .data.loader import WORKER_START_METHODS
     from .data.transforms import AUGMENT_IMPLS
     from .ops import CONTRASTIVE_IMPLS, CROSS_POOL_IMPLS
-    from .data.loader import expand_shards
+    from .data.loader import check_pipe_urls, expand_shards
     from .model.config import resolve_model_config
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     d, o, e, t = cfg.data, cfg.optim, cfg.ema, cfg.train
     notes = []
+    for sec in SECTIONS:                      # also for a Config built in code, not parsed by _coerce
+        for f in dataclasses.fields(_section_cls(sec)):
+            value = getattr(getattr(cfg, sec), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config field {sec}.{f.name} = {value} must be a finite number")
+    if not 0 <= t.seed < 2 ** 63:
+        raise ConfigError(f"config field train.seed = {t.seed} must lie in [0, 2**63)")
     try:
         mcfg = resolve_model_config(cfg.model.name)
     except (ValueError, TypeError) as err:
@@ -333,12 +375,21 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
     if not d.train_shards:
         raise ConfigError("config field data.train_shards is empty")
     n_shards = len(expand_shards(d.train_shards))
+    for field_name, shards in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
+        try:
+            check_pipe_urls(expand_shards(shards) if shards else [], d.allow_pipe, field_name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     workers = max(1, d.num_workers)
     if not d.resampled and n_shards < workers * world_size:
         raise ConfigError(f"data.train_shards has {n_shards} shards but data.num_workers × world size = "
                           f"{workers} × {world_size} = {workers * world_size}: every worker needs a shard "
                           f"(cosmos_method.md §7 item 15); lower data.num_workers or set data.resampled=true")
     global_batch = d.batch_size * world_size
+    if global_batch > d.train_num_samples:
+        raise ConfigError(f"data.batch_size {d.batch_size} × world size {world_size} = {global_batch} is larger than "
+                          f"data.train_num_samples = {d.train_num_samples}: every batch would repeat samples; "
+                          f"lower the batch or raise data.train_num_samples")
     if d.expected_global_batch is not None and d.expected_global_batch != global_batch:
         raise ConfigError(f"data.batch_size {d.batch_size} × world size {world_size} = {global_batch} but "
                           f"data.expected_global_batch = {d.expected_global_batch}; set the batch or the "

@@ -69,7 +69,7 @@ def run_demo(output_dir="runs/demo", overrides=(), seed: int = 0) -> dict:
     patterns = ensure_demo_data(out / "data", seed)
     cfg = load_config("tiny-cpu", [f"data.train_shards={patterns['train']}", f"data.val_shards={patterns['val']}",
                                    f"train.seed={seed}", "train.auto_resume=false", *overrides])
-    trainer = Trainer(cfg, out)
+    trainer = Trainer(cfg, out, overwrite=True)     # the demo always starts anew in its folder
     try:
         before = trainer.evaluate()
         trainer.train()
@@ -81,6 +81,7 @@ def run_demo(output_dir="runs/demo", overrides=(), seed: int = 0) -> dict:
                "steps": trainer.step, "train_samples_seen": trainer.step * cfg.data.batch_size}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
     results["plot"] = str(plot(out, rows, results))
     chance = results["chance_r1"]
     print(f"\nheld-out retrieval on {n_images} images (chance R@1 = {chance:.4f}; target >= 5× chance = {5 * chance:.4f})")

@@ -13,15 +13,24 @@ the interrupted epoch's data order restarted (the way to change the number of ra
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from .model import create_model
-from .model.checkpoint import check_state_dict, save_checkpoint, select_state_dict, strip_prefix, torch_load
+from .model.checkpoint import (check_deepspeed_files, check_state_dict, save_checkpoint, select_state_dict,
+                               strip_prefix, torch_load)
 
 log = logging.getLogger("cosmos_fast.export")
 
 
-def export_checkpoint(source, output, model_name: str | None = None) -> Path:
+def export_checkpoint(source, output, model_name: str | None = None, *, trust: bool = False) -> Path:
+    """Write ``source`` (a DeepSpeed run/tag folder or a checkpoint file) as one official-format file.
+
+    Nothing is unpickled beyond tensors, plain containers and a short allow-list unless
+    ``trust=True`` (``--trust-checkpoint``): a file that holds other objects raises
+    :class:`~cosmos_fast.model.checkpoint.UntrustedCheckpointError` (DeepSpeed's own files, which
+    ``zero_to_fp32`` unpickles in full, are scanned first without executing them).
+    """
     from .trainer import resolve_ds_checkpoint
 
     source = Path(source)
@@ -29,7 +38,11 @@ def export_checkpoint(source, output, model_name: str | None = None) -> Path:
     if tag_dir is not None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        meta = torch_load(tag_dir / "teacher.pt")
+        check_deepspeed_files(tag_dir, trust=trust)
+        meta = torch_load(tag_dir / "teacher.pt", trust=trust)
+        if not isinstance(meta, Mapping) or not {"teacher", "epoch", "step", "name", "config"} <= set(meta):
+            raise ValueError(f"export: {tag_dir / 'teacher.pt'} is not a cosmos_fast DeepSpeed teacher file "
+                             f"(expected teacher, epoch, step, name and config entries)")
         student = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name).items()}
         teacher, epoch, name = meta["teacher"], int(meta["epoch"]), meta["name"]
@@ -38,7 +51,9 @@ def export_checkpoint(source, output, model_name: str | None = None) -> Path:
     else:
         if not source.is_file():
             raise FileNotFoundError(f"export: {source} is neither a checkpoint file nor a DeepSpeed checkpoint folder")
-        body = torch_load(source)
+        body = torch_load(source, trust=trust)
+        if not isinstance(body, Mapping):
+            raise ValueError(f"export: checkpoint {source} holds a {type(body).__name__}, not a dict")
         student = select_state_dict(body, "student", source)
         teacher = select_state_dict(body, "teacher", source) if "teacher" in body else student
         epoch, name = int(body.get("epoch", 0)), body.get("name", "cosmos_fast")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import signal
@@ -27,11 +28,11 @@ from .data.loader import StreamSpec, expand_shards, steps_per_epoch
 from .ema import MomentumSchedule, build_teacher
 from .loss import CosmosLoss
 from .model import create_model, set_attention_backend
-from .distributed import (clamp_scales_zero, deepspeed_config, ema_update_zero, full_state_dict, gathered,
-                          init_distributed, load_full_state_dict, memory_plan, partition_teacher,
-                          wants_deepspeed, build_optimizer)
-from .model.checkpoint import (atomic_torch_save, check_state_dict, save_checkpoint, select_state_dict,
-                               strip_prefix, torch_load)
+from .distributed import (activation_bytes, clamp_scales_zero, deepspeed_config, ema_update_zero,
+                          free_memory_bytes, full_state_dict, gathered, init_distributed, load_full_state_dict,
+                          memory_plan, partition_teacher, wants_deepspeed, build_optimizer)
+from .model.checkpoint import (atomic_torch_save, check_deepspeed_files, check_state_dict, save_checkpoint,
+                               select_state_dict, strip_prefix, torch_load)
 from .model.cosmos import LOGIT_SCALE_MAX
 from .schedules import WarmupCosineLR
 from .profiling import PhaseTimer
@@ -51,11 +52,76 @@ class _Fp32Inputs:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many non-finite losses in a row, or the weights became non-finite (nothing was saved)."""
 
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM after writing a checkpoint."""
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot take this run (another run's outputs, not a folder, not writable)."""
+
+
+class ConfigChangeError(ValueError):
+    """Resuming with a config whose changes break exact resume."""
+
+
+# Config keys whose change breaks exact resume (data order, batch composition, schedule lengths, seeds).
+EXACT_RESUME_KEYS = (
+    "model.name", "data.backend", "data.train_shards", "data.train_num_samples", "data.batch_size",
+    "data.num_workers", "data.resampled", "data.shuffle_buffer", "data.shuffle_initial", "data.caption_mode",
+    "data.num_captions", "data.local_crops", "data.crop_scale", "data.global_size", "data.local_size",
+    "data.string_fields", "train.seed", "optim.epochs", "optim.warmup", "ema.schedule")
+# What a run writes into its folder: a new run refuses to start over these without --overwrite.
+RUN_OUTPUTS = ("metrics.jsonl", "eval.jsonl", "zero_shot.jsonl", "checkpoints", "tb")
+METRICS_MARKER = "marker"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _strict_json(row: dict) -> str:
+    """One strict-JSON line: non-finite floats (which json.dumps would write as NaN/Infinity) become null."""
+    def clean(x):
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(row), allow_nan=False)
+
+
+def _local_values(p, rank: int) -> torch.Tensor:
+    """A parameter's values held by this rank: the whole tensor, or under ZeRO-3 the valid part of its
+    partition (the last partitions are padded with uninitialised memory)."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p.detach()
+    n = part.numel()
+    valid = max(0, min(n, int(p.ds_numel) - rank * n))
+    return part.detach().reshape(-1)[:valid]
+
+
+def _inside(path, folder) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _rng_state() -> dict:
@@ -84,8 +150,11 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, output_dir, resume=None, local_rank: int | None = None):
+    def __init__(self, cfg: Config, output_dir, resume=None, local_rank: int | None = None, *,
+                 overwrite: bool = False, allow_config_change: bool = False, trust_checkpoint: bool = False):
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
+        self.trust_checkpoint = trust_checkpoint
         self.use_ds = wants_deepspeed(cfg)
         if self.use_ds:
             self.rank, self.world, self.local_rank = init_distributed(cfg, local_rank)
@@ -95,7 +164,12 @@ class Trainer:
         self.notes = validate(cfg, self.world)
         self.out = Path(output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._make_output_dir()
+        auto = resume is None and cfg.train.auto_resume
+        if auto:
+            resume = self._newest_checkpoint()
+        self._claim_output_dir(resume, overwrite)
         self._log_file = None
         pkg_log = logging.getLogger("cosmos_fast")
         if self.is_main:
@@ -106,6 +180,15 @@ class Trainer:
             pkg_log.setLevel(logging.WARNING)
         elif pkg_log.getEffectiveLevel() > logging.INFO:   # the run log always gets INFO lines
             pkg_log.setLevel(logging.INFO)
+        self.tb = None
+        try:
+            self._build(resume, auto)
+        except BaseException:
+            self.close()                                   # no train.log handler left behind
+            raise
+
+    def _build(self, resume, auto: bool) -> None:
+        cfg = self.cfg
         self.device = self._device(cfg.train.device)
         set_attention_backend(cfg.model.attention)
 
@@ -151,20 +234,95 @@ class Trainer:
         self._val = None
         self._saved_step = None
         self._stop_requested = False
+        self._stop_signal = signal.SIGTERM
         self.timer = PhaseTimer(enabled=False, device=self.device)   # benchmarks/profile_train.py enables it
-        self.metrics_path = self.out / "metrics.jsonl"
-        if resume is None and cfg.train.auto_resume:
-            resume = self._newest_checkpoint()
-            if resume is not None:
-                log.info("auto-resume: found %s", resume)
+        self._last_good = None          # the newest checkpoint with finite weights (written or resumed)
+        self._check_memory()
         if resume:
+            if auto:
+                log.info("auto-resume: found %s", resume)
             self.resume(resume)
         elif self.is_main:
             self.metrics_path.write_text("")
-        if self.is_main:
-            save_config(cfg, self.out / "config.yaml")
+        if self.is_main:                                # every resolved config is kept
+            if not resume or not (self.out / "config.yaml").is_file():
+                save_config(cfg, self.out / "config.yaml")
+            if resume:
+                save_config(cfg, self.out / f"config.resumed-{self.step}.yaml")
         self.tb = self._tensorboard() if cfg.train.tensorboard and self.is_main else None
         self._log_start()
+
+    # ------------------------------------------------------------ run folder
+    def _make_output_dir(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise RunFolderError(f"--output-dir {self.out} exists and is not a folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f"--output-dir {self.out} cannot be created: {e.strerror or e}") from None
+        if not os.access(self.out, os.W_OK | os.X_OK):
+            raise RunFolderError(f"--output-dir {self.out} is not writable")
+
+    def _previous_outputs(self) -> list[str]:
+        """What another run left in the output folder (an empty metrics.jsonl does not count)."""
+        found = []
+        for name in RUN_OUTPUTS:
+            p = self.out / name
+            if p.is_dir() and any(p.iterdir()) or p.is_file() and p.stat().st_size > 0:
+                found.append(name + ("/" if p.is_dir() else ""))
+        return found
+
+    def _claim_output_dir(self, resume, overwrite: bool) -> None:
+        """Refuse to start a new run over another run's outputs unless told to (--overwrite), then
+        remove stale temporary files of our own naming (a crash during a checkpoint write)."""
+        continuing = resume is not None and _inside(resume, self.out)
+        previous = self._previous_outputs()
+        if continuing and overwrite:
+            raise RunFolderError(f"--overwrite would delete {resume}, which this run resumes from")
+        if previous and not continuing:
+            if not overwrite:
+                what = f"starting from {resume}" if resume is not None else "a new run"
+                raise RunFolderError(
+                    f"--output-dir {self.out} holds another run's outputs ({', '.join(previous)}); refusing to "
+                    f"write {what} over them. Continue that run with --resume {self.out} (or "
+                    f"train.auto_resume=true), pick a new --output-dir, or pass --overwrite to delete them")
+            if self.is_main:
+                log.warning("--overwrite: deleting the previous run's %s in %s", ", ".join(previous), self.out)
+                for name in previous:
+                    p = self.out / name.rstrip("/")
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                for p in self.out.glob("config.resumed-*.yaml"):
+                    p.unlink()
+        if self.is_main and self.ckpt_dir.is_dir():
+            for tmp in [*self.ckpt_dir.glob(".*.tmp"), *self.ckpt_dir.glob("step_*/.*.tmp")]:
+                log.warning("removing %s, a partial checkpoint write of an interrupted run", tmp)
+                tmp.unlink(missing_ok=True)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _check_memory(self) -> None:
+        """Refuse a batch whose estimated activations and model state cannot fit the device."""
+        if not self.cfg.train.memory_check:
+            return
+        d, m = self.cfg.data, self.student.cfg
+        act = activation_bytes(m, d.batch_size, d.global_size or m.vision_cfg.image_size, d.local_size,
+                               d.local_crops, d.num_captions, self.cfg.train.precision,
+                               self.cfg.model.grad_checkpointing)
+        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.student.parameters())
+        plan = memory_plan(n, self.stage, self.world, self.cfg.train.precision)
+        state = plan["gradients"] + plan["optimizer"]          # the weights are already allocated
+        free = free_memory_bytes(self.device)
+        log.info("estimated activation memory per step: %.2f GiB (data.batch_size %d)", act / 2 ** 30, d.batch_size)
+        if free is not None and act + state > free:
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"data.batch_size = {d.batch_size} needs an estimated {act / 2 ** 30:.1f} GiB of activations on "
+                f"{self.device} (plus {state / 2 ** 30:.2f} GiB of gradients and optimizer state), but only "
+                f"{free / 2 ** 30:.1f} GiB are free: lower data.batch_size, set model.grad_checkpointing=true, "
+                f"or set train.memory_check=false to try anyway")
 
     # ----------------------------------------------------------------- build
     def _device(self, name: str) -> torch.device:
@@ -182,7 +340,8 @@ class Trainer:
             caption_mode=d.caption_mode, num_captions=d.num_captions, string_fields=d.string_fields,
             global_size=d.global_size or m.vision_cfg.image_size, local_size=d.local_size,
             n_local=d.local_crops, crop_scale=d.crop_scale, tokenizer_name="ViT-B-16",
-            context_length=m.text_cfg.context_length, worker_start=d.worker_start, augment=d.augment)
+            context_length=m.text_cfg.context_length, worker_start=d.worker_start, augment=d.augment,
+            allow_pipe=d.allow_pipe)
         from .data.backends import build_loader, resolve_backend
 
         backend = resolve_backend(d.backend)
@@ -237,7 +396,7 @@ class Trainer:
             if self.nonfinite_run >= self.cfg.train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_run} non-finite losses in a row (train.max_nonfinite = "
-                    f"{self.cfg.train.max_nonfinite}); stopping. The last good checkpoint is in {self.ckpt_dir}")
+                    f"{self.cfg.train.max_nonfinite}); stopping. {self._last_good_text()}")
             return out
         self.nonfinite_run = 0
         if out["overflow"]:
@@ -286,7 +445,7 @@ class Trainer:
                    disable=not t.progress or not self.is_main)
         global_batch = self.cfg.data.batch_size * self.world
         last = {}
-        previous_handler = self._install_sigterm()
+        previous_handlers = self._install_stop_handlers()
         try:
             while not self._done():
                 self.loader.set_epoch(self.epoch)
@@ -311,9 +470,11 @@ class Trainer:
                     if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
                         self.zero_shot_eval()
                     if self._should_stop():
-                        log.warning("SIGTERM received: saving a checkpoint at step %d and exiting", self.step)
+                        name = signal.Signals(self._stop_signal).name
+                        log.warning("%s received: saving a checkpoint at step %d and exiting", name, self.step)
                         self.save()
-                        raise Preempted(f"stopped by SIGTERM after step {self.step}; checkpoint saved")
+                        raise Preempted(f"stopped by {name} after step {self.step}; checkpoint saved",
+                                        self._stop_signal)
                     if self._done():
                         break
                 if self.loader.consumed >= self.steps_per_epoch:      # the epoch is complete
@@ -325,19 +486,26 @@ class Trainer:
                     self.save(epoch_file=True)
         finally:
             bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         if self._saved_step != self.step:
             self.save()
         return last
 
-    def _install_sigterm(self):
+    def _install_stop_handlers(self) -> dict:
+        """SIGTERM and the first SIGINT (Ctrl-C) stop training at the next step boundary, after a
+        checkpoint; a second SIGINT interrupts at once (KeyboardInterrupt)."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
+            if signum == signal.SIGINT and self._stop_requested:
+                raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: stopping after this step with a checkpoint (press again to stop now)")
             self._stop_requested = True
-        return signal.signal(signal.SIGTERM, handler)
+            self._stop_signal = signum
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _should_stop(self) -> bool:
         if self.world == 1:
@@ -369,7 +537,7 @@ class Trainer:
                "nonfinite_steps": self.nonfinite_total}
         if self.is_main:
             with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(_strict_json(row) + "\n")
             if self.tb is not None:
                 for k in ("loss", "clip_loss", "distill_loss", "lr", "momentum", "logit_scale",
                           "distill_logit_scale", "samples_per_s"):
@@ -445,7 +613,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "data": self.loader.state_dict(),
-                "rng": _rng_state(), "nonfinite_total": self.nonfinite_total,
+                "rng": _rng_state(), "nonfinite_total": self.nonfinite_total, "world": self.world,
                 "nonfinite_run": self.nonfinite_run, "overflows": self.overflows}
 
     def load_state_dict(self, state: dict) -> None:
@@ -456,11 +624,34 @@ class Trainer:
         self.nonfinite_run = int(state["nonfinite_run"])
         self.overflows = int(state.get("overflows", 0))
 
+    def _last_good_text(self) -> str:
+        if self._last_good is None:
+            return "No checkpoint with finite weights was written or resumed by this run."
+        return f"The newest checkpoint with finite weights is {self._last_good}."
+
+    def weights_finite(self) -> bool:
+        """Every student and teacher parameter finite: one reduction on the device, one sync (all ranks
+        agree; under ZeRO-3 each rank checks its own partitions)."""
+        flags = [torch.isfinite(_local_values(p, self.rank)).all()
+                 for model in (self.student, self.teacher) for p in model.parameters()]
+        flag = torch.stack(flags).all().float() if flags else torch.ones((), device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def save(self, epoch_file: bool = False) -> Path | None:
-        """Checkpoint the run: an official-format file (single process) or a DeepSpeed tag folder."""
+        """Checkpoint the run: an official-format file (single process) or a DeepSpeed tag folder.
+        Non-finite weights are never written: NonFiniteLossError names the newest finite checkpoint."""
+        if not self.weights_finite():
+            raise NonFiniteLossError(f"the weights are non-finite at step {self.step}: not saving a checkpoint. "
+                                     f"{self._last_good_text()}")
         self._saved_step = self.step
         if self.engine is not None:
-            return self._save_deepspeed()
+            self._last_good = self._save_deepspeed()
+            return self._last_good
         extra = {"optimizer": self.optimizer.state_dict(), "trainer": self.state_dict(),
                  "config": self.cfg.to_dict()}
         if self.scaler is not None:
@@ -470,6 +661,7 @@ class Trainer:
         if epoch_file:
             save_checkpoint(self.ckpt_dir / f"epoch_{self.epoch}.pt", self.student, self.teacher,
                             epoch=self.epoch, name=self.cfg.train.name, **extra)
+        self._last_good = path
         return path
 
     def _save_deepspeed(self) -> Path:
@@ -509,7 +701,7 @@ class Trainer:
         latest = self.ckpt_dir / "latest"
         if latest.is_file() and (self.ckpt_dir / latest.read_text().strip() / "COMPLETE").is_file():
             return self.ckpt_dir / latest.read_text().strip()
-        if (self.ckpt_dir / "epoch_latest.pt").is_file() and self.engine is None:
+        if (self.ckpt_dir / "epoch_latest.pt").is_file() and not self.use_ds:
             return self.ckpt_dir / "epoch_latest.pt"
         return None
 
@@ -525,7 +717,7 @@ class Trainer:
                     break
             else:
                 raise FileNotFoundError(f"--resume {source}: no checkpoint found in that folder")
-        body = torch_load(path)
+        body = torch_load(path, trust=self.trust_checkpoint)
         student_sd = strip_prefix(select_state_dict(body, "student", path))
         teacher_sd = (strip_prefix(select_state_dict(body, "teacher", path))
                       if isinstance(body, dict) and "teacher" in body else student_sd)
@@ -541,20 +733,20 @@ class Trainer:
                 log.warning("--resume %s: weights and schedule position (step %d, epoch %d); AdamW moments "
                             "start fresh and epoch %d's data order restarts", path, self.step, self.epoch,
                             self.epoch + 1)
-                if self.is_main:
-                    self._truncate_metrics()
+                self._mark_metrics(f"resumed weights and schedule position from {path}")
                 return
             log.warning("--resume %s: loading weights only (no optimizer, schedule, RNG or data position%s): "
                         "starting a new run from these weights", path,
                         "; a single-process file cannot restore DeepSpeed optimizer partitions"
                         if self.engine is not None and "trainer" in body else "")
-            if self.is_main:
-                self.metrics_path.write_text("")
+            self._mark_metrics(f"new run from the weights of {path}")
             return
+        self._check_config_change(body.get("config"), body["trainer"].get("world", 1), path)
         self.optimizer.load_state_dict(body["optimizer"])
         if self.scaler is not None and "scaler" in body:
             self.scaler.load_state_dict(body["scaler"])
         self.load_state_dict(body["trainer"])
+        self._last_good = path
         self._truncate_metrics()
         log.info("resumed %s at step %d (epoch %d, %d batches into it)", path, self.step, self.epoch,
                  self.loader.consumed)
@@ -568,23 +760,75 @@ class Trainer:
             raise ValueError(f"checkpoint {tag_dir} was written by {info['world']} ranks, this run has "
                              f"{self.world}: export it (`cosmos-fast export`) and --resume from the "
                              f"consolidated file to continue from its weights")
+        check_deepspeed_files(tag_dir, trust=self.trust_checkpoint)     # DeepSpeed unpickles its files in full
+        teacher = torch_load(tag_dir / "teacher.pt", trust=self.trust_checkpoint)
+        self._check_config_change(teacher.get("config"), info["world"], tag_dir)
         self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_lr_scheduler_states=False)
-        teacher = torch_load(tag_dir / "teacher.pt")
         load_full_state_dict(self.teacher, teacher["teacher"], self.stage)
-        state = torch_load(tag_dir / f"trainer_rank{self.rank:05d}.pt")
+        state = torch_load(tag_dir / f"trainer_rank{self.rank:05d}.pt", trust=self.trust_checkpoint)
         self.load_state_dict(state["trainer"])
+        self._last_good = tag_dir
         if self.is_main:
             self._truncate_metrics()
         log.info("resumed DeepSpeed checkpoint %s at step %d (epoch %d, %d batches into it)", tag_dir,
                  self.step, self.epoch, self.loader.consumed)
 
-    def _truncate_metrics(self) -> None:
-        if not self.metrics_path.is_file():
-            self.metrics_path.write_text("")
+    def _check_config_change(self, old: dict | None, old_world: int, source) -> None:
+        """Compare the checkpoint's config with this run's: changes that break exact resume are refused
+        unless allow_config_change (--allow-config-change); the others are logged."""
+        if not old:
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
+        before, now = _flat(old), _flat(self.cfg.to_dict())
+        changed = {k: (before[k], now[k]) for k in now if k in before and before[k] != now[k]}
+        if old_world != self.world:
+            changed["world size"] = (old_world, self.world)
+        breaking = {k: v for k, v in changed.items() if k in EXACT_RESUME_KEYS or k == "world size"}
+        text = lambda items: "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in items.items())   # noqa: E731
+        if breaking and not self.allow_config_change:
+            raise ConfigChangeError(
+                f"--resume {source}: this config changes what exact resume depends on ({text(breaking)}); "
+                f"resume with the checkpoint's config ({self.out / 'config.yaml'}), or pass "
+                f"--allow-config-change to continue anyway (data order and schedules will differ from an "
+                f"uninterrupted run)")
+        if changed:
+            log.warning("--resume %s with a changed config: %s", source, text(changed))
+
+    def _metrics_lines(self) -> list[str]:
+        """metrics.jsonl's lines; a torn last line (a crash or a full disk during the append) is dropped."""
+        if not self.metrics_path.is_file():
+            return []
+        lines = [line for line in self.metrics_path.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except ValueError:
+                log.warning("%s: dropping a torn last line (%d characters): %.80r", self.metrics_path,
+                            len(lines[-1]), lines[-1])
+                lines.pop()
+        return lines
+
+    def _truncate_metrics(self) -> None:
+        """Exact resume: drop the rows after the resumed step, only after the last marker line (rows
+        before a marker belong to an earlier run in this folder and are never removed)."""
+        lines = self._metrics_lines()
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                rows.append(None)                     # an unreadable line is kept as it is
+        last_marker = max((i for i, r in enumerate(rows) if r is not None and METRICS_MARKER in r), default=-1)
+        keep = lines[:last_marker + 1] + [line for line, r in zip(lines[last_marker + 1:], rows[last_marker + 1:])
+                                          if r is None or r.get("step", 0) <= self.step]
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def _mark_metrics(self, what: str) -> None:
+        """A run that starts from weights: append a marker line, keep every earlier row."""
+        if not self.is_main:
+            return
+        lines = self._metrics_lines()
+        lines.append(_strict_json({METRICS_MARKER: what, "step": self.step, "time": time.time()}))
+        self.metrics_path.write_text("".join(line + "\n" for line in lines))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -592,6 +836,7 @@ class Trainer:
         if self._log_file is not None:
             logging.getLogger("cosmos_fast").removeHandler(self._log_file)
             self._log_file.close()
+            self._log_file = None
 
 
 def resolve_ds_checkpoint(path: Path) -> Path | None:

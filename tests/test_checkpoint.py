@@ -1,5 +1,7 @@
 import argparse
+import collections
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,15 +117,31 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, pair, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
 
 
-def test_non_weights_only_file_loads_with_warning(tmp_path, pair, caplog):
+def test_namespace_file_loads_without_full_unpickling(tmp_path, pair, caplog):
+    """argparse args (older training files) are allow-listed: no fallback, no warning, no flag."""
     student, teacher = pair
     torch.save({"epoch": 1, "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "args": argparse.Namespace(lr=1.0)}, tmp_path / "legacy.pt")
     m = create_model(SMALL)
     with caplog.at_level(logging.WARNING):
         meta = load_checkpoint(tmp_path / "legacy.pt", m, which="teacher")
-    assert "weights_only=False" in caplog.text
+    assert "unpickling" not in caplog.text
     assert meta["args"].lr == 1.0 and _equal(m, teacher)
+
+
+def test_unknown_object_refused_unless_trusted(tmp_path, pair, caplog):
+    student, teacher = pair
+    marker = tmp_path / "MARKER"
+    torch.save({"epoch": 1, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "extra": {"x": collections.Counter, "y": getattr(Path, "touch")}}, tmp_path / "odd.pt")
+    with pytest.raises(ckpt_mod.UntrustedCheckpointError, match="--trust-checkpoint") as e:
+        load_checkpoint(tmp_path / "odd.pt", create_model(SMALL), which="teacher")
+    assert str(tmp_path / "odd.pt") in str(e.value) and "builtins.getattr" in str(e.value)
+    m = create_model(SMALL)
+    with caplog.at_level(logging.WARNING):
+        meta = load_checkpoint(tmp_path / "odd.pt", m, which="teacher", trust=True)
+    assert meta["extra"]["y"] is Path.touch and _equal(m, teacher) and not marker.exists()
+    assert "full unpickling" in caplog.text
 
 
 def test_missing_file_and_wrong_epoch(tmp_path, pair):

@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 pytest.importorskip("nvidia.dali")
 
-from nvidia.dali import fn, pipeline_def  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from cosmos_fast.data import dali_loader as dl  # noqa: E402
 from cosmos_fast.data import pil_hue  # noqa: E402
@@ -404,16 +404,27 @@ def test_index_time_skips_counted_not_fatal(tmp_path, caplog):
     assert loader.skipped == {v: 2 for v in kinds.values()}
 
 
-def test_decode_error_at_run_time_drops_the_batch(tmp_path, caplog):
-    urls = write_shards(tmp_path, 1, 20, bad={2: "corrupt_image"})
+@pytest.mark.parametrize("bad,buffer", [(2, 1), (9, 1), (9, 8)], ids=["first-run", "after-checkpoint", "shuffled"])
+def test_decode_error_at_run_time_drops_the_batch(tmp_path, caplog, bad, buffer):
+    """A failed decode drops its whole pipeline batch; the log line names that batch's shard and keys
+    (read again from the last checkpoint: the decoder reports no sample)."""
+    urls = write_shards(tmp_path, 1, 20, bad={bad: "corrupt_image"})
     write_index(urls[0], validate=False)                         # an unvalidated index (as wds2idx makes)
-    loader = dali(spec(urls, steps_per_epoch=4, shuffle_buffer=1, n_local=2), validate=False)
+    loader = dali(spec(urls, steps_per_epoch=4, shuffle_buffer=buffer, n_local=2), validate=False)
     with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_loader"):
         batches = list(loader)
     assert len(batches) == 4
-    assert loader.skipped == {"decode_error_batch": 4}          # the first batch (B = 4) is dropped
-    assert [k for b in batches for k in b["keys"]] == [f"s{i:05d}" for i in range(4, 20)]
-    assert "decode_error_batch" in caplog.text
+    assert loader.skipped == {"decode_error_batch": 4}          # one batch (B = 4) is dropped
+    kept = [k for b in batches for k in b["keys"]]
+    dropped = sorted({f"s{i:05d}" for i in range(20)} - set(kept))     # 16 kept + 4 dropped = one pass
+    assert len(set(kept)) == 16 and f"s{bad:05d}" in dropped
+    if buffer == 1:
+        first = bad // 4 * 4
+        assert kept == [f"s{i:05d}" for i in range(20) if not first <= i < first + 4]
+    (line,) = [r.getMessage() for r in caplog.records if "decode_error_batch" in r.getMessage()
+               and "skipping" in r.getMessage()]
+    named = line.split("(", 1)[1].split(f" in {urls[0]}")[0].split(", ")
+    assert sorted(named) == dropped, line
 
 
 def test_run_time_caption_skip_refills_the_batch(tmp_path):
@@ -424,6 +435,81 @@ def test_run_time_caption_skip_refills_the_batch(tmp_path):
     assert len(keys) == 8 and len(set(keys)) == 8 and not {"s00001", "s00006"} & set(keys)
     assert loader.skipped == {"string_caption_field": 2}
     assert all(b["crops"][0].shape[0] == 4 and b["captions"].shape == (32, 77) for b in batches)
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["index-time", "run-time"])
+def test_any_json_failure_is_bad_json(tmp_path, validate):
+    """A json nested too deep for Python's parser and one over MAX_JSON_BYTES are bad_json: left out
+    by the indexer, or (index without validation) dropped by the caption job; never a crash."""
+    urls = write_shards(tmp_path, 2, 8, bad={3: "nested_json", 12: "huge_json"})
+    if not validate:
+        for u in urls:
+            write_index(u, validate=False)
+    loader = dali(spec(urls, steps_per_epoch=3, shuffle_buffer=1, n_local=1), hue_mode="linear", validate=validate)
+    batches = list(loader)
+    assert len(batches) == 3 and loader.skipped == {"bad_json": 2}
+    assert not {k for b in batches for k in b["keys"]} & {"s00003", "s00012"}
+
+
+def test_gif_named_jpg_same_reason_in_both_backends(tmp_path):
+    urls = write_shards(tmp_path, 1, 12, bad={2: "gif_as_jpg"})
+    kw = dict(steps_per_epoch=2, shuffle_buffer=1, shuffle_initial=1, n_local=1)
+    tv = WebDatasetLoader(spec(urls, **kw))
+    tv_keys = [k for b in tv for k in b["keys"]]
+    loader = dali(spec(urls, **kw), hue_mode="linear")
+    dali_keys = [k for b in loader for k in b["keys"]]
+    assert tv.skipped == loader.skipped == {"unsupported_image_format": 1}
+    assert tv_keys == dali_keys and "s00002" not in dali_keys
+
+
+def test_gray16_png_same_pixels_in_both_backends(tmp_path):
+    """DALI's CPU decoder reads a 16-bit grayscale PNG as round(v / 257), the torchvision backend's
+    scaling (decode_image): the index keeps it, and the exact pipeline's crops equal torchvision's crops
+    of decode_image's pixels."""
+    pytest.importorskip("numba")
+    from cosmos_fast.data.loader import decode_image
+    from cosmos_fast.data.pil_crop import PARAM_FIELDS, augment_crop
+    from tests.test_loader import png16, record
+
+    full = np.arange(65536, dtype=np.uint16).reshape(256, 256)       # every 16-bit value
+    buf = io.BytesIO()
+    Image.fromarray(full).save(buf, format="PNG")
+    data = [buf.getvalue()] + [png16(257 * 40 + 997 * i, size=(40 + i, 30)) for i in range(7)]
+    path = tmp_path / "gray16.tar"
+    write_tar(path, ((f"g{i}.{ext}", d) for i, png in enumerate(data)
+                     for ext, d in (("png", png), ("json", json.dumps(record(i)).encode()))))
+    assert write_index(path)["skipped"] == {}
+    images = [np.asarray(decode_image(d).convert("RGB")) for d in data]
+    pipe = dl.build_pipeline([str(path)], [str(index_path(path))], 8, global_size=48, local_size=20, crop_scale=0.4,
+                             n_local=2, shuffle_buffer=1, seed=3, reader_seed=2, num_threads=2, debug=True)
+    out = pipe.run()
+    crops, debug = out[:4], out[5:]
+    for i, img in enumerate(images):
+        for j in range(4):
+            p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+            assert (p["img_h"], p["img_w"]) == img.shape[:2]
+            want = augment_crop(img, [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
+            assert np.array_equal(np.asarray(crops[j][i]), want), (i, j, p)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        x = fn.external_source(source=lambda: [np.frombuffer(data[0], np.uint8)], batch=True)
+        return fn.decoders.image(x, device="cpu", output_type=types.RGB)
+    dec = decode()
+    dec.build()
+    assert np.array_equal(np.asarray(dec.run()[0][0]), images[0])        # all 65536 values
+
+
+def test_allow_pipe_false_refuses_shell_urls(tmp_path):
+    """pipe: URLs and s3:// (which this backend reads through ``pipe:aws s3 cp``) are refused at start."""
+    urls = write_shards(tmp_path, 1, 8)
+    for url in (f"pipe:cat {urls[0]}", "s3://bucket/shard.tar"):
+        with pytest.raises(ValueError, match="data.allow_pipe is false"):
+            dali(spec([url], allow_pipe=False), cache_dir=tmp_path / "cache")
+    loader = dali(spec(urls, allow_pipe=False))
+    with pytest.raises(ValueError, match="data.allow_pipe is false"):
+        loader._local(f"pipe:cat {urls[0]}")                           # the fetch path checks too
+    assert not (tmp_path / "cache").exists()
 
 
 def test_truncated_and_unfetchable_shards_are_skipped(tmp_path):

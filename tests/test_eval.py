@@ -656,3 +656,28 @@ def test_dense_features(teacher):
     assert torch.allclose(d.norm(dim=-1), torch.ones(2, 2, 2), atol=1e-5)
     want = torch.nn.functional.normalize(tokens @ teacher.visual.proj, dim=-1).reshape(2, 2, 2, 32)
     assert torch.allclose(d, want, atol=1e-6)
+
+
+def test_retrieval_shards_skip_undecodable_samples(tmp_path, caplog):
+    """A held-out shard with one good sample, a 200k-deep nested json and a corrupt jpg: the bad
+    ones are skipped with a line naming shard and key, never a crash of the evaluation."""
+    import io
+    import tarfile
+
+    from cosmos_fast.eval.retrieval import load_retrieval_shards
+
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(good, format="JPEG")
+    members = {"a.jpg": good.getvalue(), "a.json": json.dumps({"retrieval_captions": ["x", "y"]}).encode(),
+               "b.jpg": good.getvalue(), "b.json": b"[" * 200_000 + b"]" * 200_000,
+               "c.jpg": b"\xff\xd8 not a jpeg", "c.json": json.dumps({"retrieval_captions": ["z"]}).encode()}
+    shard = tmp_path / "val.tar"
+    with tarfile.open(shard, "w") as tf:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    with caplog.at_level("WARNING", logger="cosmos_fast"):
+        images, captions, owner = load_retrieval_shards([str(shard)])
+    assert len(images) == 1 and captions == ["x", "y"] and owner.tolist() == [0, 0]
+    assert f"'b' in {shard}: bad_json" in caplog.text and f"'c' in {shard}: corrupt_image" in caplog.text

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cosmos_fast.data.captions import DREAMLIP_FIELDS, Tokenizer
 from cosmos_fast.data.loader import StreamSpec, WebDatasetLoader, steps_per_epoch
+from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD
 
 
 def jpeg(seed, size=48):
@@ -18,6 +19,23 @@ def jpeg(seed, size=48):
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def png16(value, size=(40, 30)):
+    """A 16-bit grayscale PNG (PIL mode I;16) of a horizontal ramp from 0 up to ``value``."""
+    ramp = np.linspace(0, value, size[0]).round().astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(ramp, (size[1], 1))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gif(seed, size=48):
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(seed, size))).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+NESTED_JSON = b"[" * 200_000 + b"]" * 200_000          # RecursionError in json.loads
 
 
 def record(idx):
@@ -44,6 +62,17 @@ def write_shards(root, n_shards, per_shard, bad=None):
                     del sample["jpg"]
                 elif kind == "bad_json":
                     sample["json"] = b"{not json"
+                elif kind == "nested_json":
+                    sample["json"] = NESTED_JSON
+                elif kind == "huge_json":                     # valid json over MAX_JSON_BYTES
+                    rec = record(i)
+                    rec["raw_caption"].append("x" * (1 << 20))
+                    sample["json"] = json.dumps(rec).encode()
+                elif kind == "gif_as_jpg":
+                    sample["jpg"] = gif(i)
+                elif kind == "png16":
+                    del sample["jpg"]
+                    sample["png"] = png16(257 * (40 + i))
                 elif kind == "empty_caption_pool":
                     sample["json"] = json.dumps({f: [] for f in DREAMLIP_FIELDS}).encode()
                 elif kind == "string_caption_field":
@@ -143,6 +172,77 @@ def test_worker_start_context():
     assert worker_loader_kwargs(2, "spawn")["multiprocessing_context"].get_start_method() == "spawn"
     with pytest.raises(ValueError, match="data.worker_start = 'thread'"):
         worker_context("thread")
+
+
+def test_any_json_failure_is_bad_json(tmp_path, caplog):
+    """A json nested too deep for Python's parser (RecursionError) and one over MAX_JSON_BYTES are
+    bad_json skips, not a crash that every resume would hit again."""
+    urls = write_shards(tmp_path, 2, 12, bad={3: "nested_json", 14: "huge_json"})
+    loader = WebDatasetLoader(spec(urls, steps_per_epoch=6, shuffle_buffer=1, shuffle_initial=1))  # > one pass
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.loader"):
+        batches = all_batches(loader)
+    assert len(batches) == 6
+    assert set(loader.skipped) == {"bad_json"} and loader.skipped["bad_json"] >= 2
+    assert not {k for b in batches for k in b["keys"]} & {"s00003", "s00014"}
+    from cosmos_fast.data.loader import MAX_JSON_BYTES
+
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("s00003" in m and "shard-0000.tar" in m and "RecursionError" in m for m in lines)
+    assert any("s00014" in m and "shard-0001.tar" in m and f"{MAX_JSON_BYTES}-byte limit" in m for m in lines)
+
+
+def test_gray16_png_is_scaled_not_white(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) is scaled to 8 bits as round(v / 257), as DALI decodes it;
+    ``convert("RGB")`` alone clips it to white."""
+    # every sample a dark 16-bit ramp (≤ 47 of 255 in 8 bits): the first global crop (no solarize)
+    # stays dark; a white image would give ≥ 0.6 · 255 after brightness jitter
+    urls = write_shards(tmp_path, 1, 8, bad={i: "png16" for i in range(8)})
+    batches = all_batches(WebDatasetLoader(spec(urls, steps_per_epoch=2, shuffle_buffer=1, shuffle_initial=1)))
+    assert len(batches) == 2 and batches[-1]["skipped"] == {}
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    for b in batches:
+        pixels = b["crops"][0] * std + mean
+        assert pixels.max() <= 47 * 1.4 / 255 + 1e-4, pixels.max()
+    from cosmos_fast.data.loader import decode_image
+
+    data = png16(65535, size=(256, 2))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    v = np.asarray(Image.open(io.BytesIO(data))).astype(int)
+    img = decode_image(data)
+    assert img.mode == "L" and np.array_equal(np.asarray(img), np.floor(v / 257 + 0.5).astype(np.uint8))
+
+
+def test_formats_dali_cannot_decode_are_skipped(tmp_path, caplog):
+    """A GIF named .jpg is unsupported_image_format here too, as in the DALI backend's index; so is a
+    32-bit integer image (DALI fails on it) and a float one."""
+    urls = write_shards(tmp_path, 1, 12, bad={2: "gif_as_jpg"})
+    loader = WebDatasetLoader(spec(urls, steps_per_epoch=2, shuffle_buffer=1, shuffle_initial=1))
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.loader"):
+        batches = all_batches(loader)
+    assert loader.skipped == {"unsupported_image_format": 1}
+    assert "s00002" not in {k for b in batches for k in b["keys"]}
+    assert "s00002" in caplog.text and "GIF" in caplog.text
+    from cosmos_fast.data.captions import SampleError
+    from cosmos_fast.data.loader import decode_image
+
+    for arr in (np.full((4, 4), 70000, np.int32), np.full((4, 4), 0.5, np.float32)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="TIFF")
+        with pytest.raises(SampleError) as e:
+            decode_image(buf.getvalue())
+        assert e.value.reason == "unsupported_image_format"
+
+
+def test_allow_pipe_false_refuses_shell_urls(tmp_path):
+    """pipe:CMD runs CMD (webdataset's default, kept); allow_pipe=False refuses it, however spelled."""
+    urls = write_shards(tmp_path, 1, 8)
+    piped = [f"pipe:cat {urls[0]}"]
+    assert len(all_batches(WebDatasetLoader(spec(piped, steps_per_epoch=1)))) == 1
+    for url in (piped[0], f" PIPE:cat {urls[0]}", "s3://bucket/shard-0000.tar"):
+        with pytest.raises(ValueError, match="data.allow_pipe is false") as e:
+            WebDatasetLoader(spec([urls[0], url], steps_per_epoch=1, allow_pipe=False))
+        assert repr(url) in str(e.value)
+    WebDatasetLoader(spec(urls, steps_per_epoch=1, allow_pipe=False))      # local paths are fine
 
 
 def test_string_fields_policy(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from cosmos_fast.data.captions import DREAMLIP_FIELDS, caption_pool, split_sentences
 from cosmos_fast.data.shards import (add_make_shards_parser, index_path, index_shards, main, parse_size, read_report,
                                      report_path, write_index)
-from tests.test_loader import write_shards
+from tests.test_loader import NESTED_JSON, write_shards
 
 
 def image_bytes(seed, fmt="JPEG", size=(40, 32)):
@@ -221,6 +221,82 @@ def test_index_only_leaves_bad_samples_out(tmp_path, capsys):
     res = index_shards(pattern, validate=False)                    # structure only: decodes nothing
     assert res["indexed"] == 10 and res["skipped"] == {"missing_json": 1, "missing_image": 1}
     assert not read_report(urls[2], index_path(urls[2]))
+
+
+def test_index_only_same_checks_as_the_loaders(tmp_path, capsys):
+    """--index-only survives a json nested too deep for Python's parser and one over the size limit
+    (bad_json), leaves a GIF named .jpg out as the torchvision loader skips it, keeps a 16-bit PNG."""
+    urls = write_shards(tmp_path, 1, 6, bad={1: "nested_json", 2: "huge_json", 3: "gif_as_jpg", 4: "png16"})
+    assert main(["--index-only", urls[0]]) == 0
+    assert "indexed 3 samples" in capsys.readouterr().out
+    rep = read_report(urls[0], index_path(urls[0]))
+    assert rep["skipped"] == {"bad_json": 2, "unsupported_image_format": 1}
+    assert sorted(rep["bad"]) == [["s00001", "bad_json"], ["s00002", "bad_json"],
+                                  ["s00003", "unsupported_image_format"]]
+    names = [ln.split()[3] for ln in index_path(urls[0]).read_text().splitlines()[1:]]
+    assert names == ["s00000.jpg", "s00004.png", "s00005.jpg"]
+
+
+def test_img2dataset_bad_json_is_skipped_and_no_temp_tar(tmp_path):
+    src, out = tmp_path / "dl", tmp_path / "out"
+    src.mkdir()
+    files = []
+    for i in range(4):
+        meta = {"url": f"http://x/{i}.jpg", **dreamlip_row(i)}
+        js = json.dumps(meta).encode()
+        if i == 1:
+            js = NESTED_JSON                                       # RecursionError in json.loads
+        if i == 2:
+            js = json.dumps({**meta, "raw_caption": "x" * (1 << 20)}).encode()     # over the size limit
+        files += [(f"0000{i:05d}.json", js), (f"0000{i:05d}.jpg", image_bytes(i))]
+    with tarfile.open(src / "00000.tar", "w") as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert main(["--img2dataset", str(src / "00000.tar"), "--output-dir", str(out)]) == 0
+    assert sorted(read_tars(out)) == ["000000000", "000000003"]
+    assert json.loads((out / "shard-manifest.json").read_text())["skipped"] == {"bad_json": 2}
+    assert not list(out.glob("*.tmp"))
+
+
+def test_make_shards_exception_leaves_no_temp_tar(dreamlip_csv, tmp_path, monkeypatch):
+    """A run stopped by an exception (here raised while the first shard is open) removes its .tar.tmp."""
+    from cosmos_fast.data import shards
+
+    path, img_dir, _, _ = dreamlip_csv
+    calls = []
+    real = shards.check_record
+
+    def failing(record, mode="auto"):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(record, mode)
+    monkeypatch.setattr(shards, "check_record", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        shards.make_shards("dreamlip", out, captions=path, images=img_dir)
+    assert list(out.iterdir()) == []
+
+
+def test_shard_images_are_the_loaders_8_bit_images():
+    """Formats outside JPEG/PNG/WebP are re-encoded as PNG from the loaders' 8-bit image (a 16-bit
+    TIFF scaled, not clipped); a 32-bit TIFF, which neither loader trains on, is skipped."""
+    from cosmos_fast.data.shards import _shard_image
+
+    v = np.arange(0, 65536, 257 * 5, dtype=np.uint16).reshape(4, -1)
+    buf = io.BytesIO()
+    Image.fromarray(v).save(buf, format="TIFF")
+    data, fmt, reason = _shard_image(buf.getvalue())
+    assert (fmt, reason) == ("PNG", None) and np.array_equal(np.asarray(Image.open(io.BytesIO(data))), v // 257)
+    buf = io.BytesIO()
+    Image.fromarray(v.astype(np.int32) * 1000).save(buf, format="TIFF")
+    assert _shard_image(buf.getvalue()) == (None, None, "unsupported_image_format")
+    gif = image_bytes(0, "GIF")
+    data, fmt, reason = _shard_image(gif)
+    assert fmt == "PNG" and np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                                           np.asarray(Image.open(io.BytesIO(gif)).convert("RGB")))
 
 
 def test_index_offsets_point_at_the_data(tmp_path):

@@ -23,12 +23,16 @@ STRING_FIELD_POLICIES = ("split", "reject")
 _SPLIT = re.compile(r"\n|</s>|\.")
 
 
-class CaptionRecordError(ValueError):
-    """A caption record that cannot be sampled (missing field, wrong type, empty pool)."""
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is the name it is counted and logged under."""
 
     def __init__(self, reason: str, message: str):
         self.reason = reason
         super().__init__(message)
+
+
+class CaptionRecordError(SampleError):
+    """A caption record that cannot be sampled (missing field, wrong type, empty pool)."""
 
 
 def split_sentences(text: str) -> list[str]:

@@ -65,16 +65,21 @@ they run out, until ``steps_per_epoch`` batches are out. ``data.num_workers`` se
 Bad data (skip-and-count). A corrupt image cannot be skipped inside a DALI pipeline, so:
 
 1. Index time (``cosmos-fast make-shards``, or the loader itself when a shard has no current index):
-   every image is decoded, every json parsed; a sample with a corrupt or undecodable image, no image,
-   no json or an unusable caption record is left out of the index and reported in the index report.
+   every image is decoded, every json parsed, with the torchvision backend's checks
+   (:func:`~cosmos_fast.data.loader.decode_image`, :func:`~cosmos_fast.data.loader.parse_json`); a
+   sample with a corrupt image or one DALI does not decode (``unsupported_image_format``), no image,
+   no json, a json that does not parse or is too large (``bad_json``) or an unusable caption record
+   is left out of the index and reported in the index report.
    Each epoch adds those counts (for the rank's shards) to ``skipped`` under the same reason names as
    the torchvision backend. A truncated or unreadable tar is reported (``bad_shard``) and skipped.
 2. Run time, captions: a record that cannot be sampled (e.g. ``string_fields="reject"``) is counted
    and that sample alone is dropped; the next samples fill the batch.
 3. Run time, images: if the decoder fails anyway (an index made without validation, e.g. by wds2idx,
    or a file changed after indexing), DALI fails the whole pipeline batch. That batch is **dropped**
-   and counted as ``decode_error_batch`` (its B samples); the loader goes on with the next one. Twenty
-   failed or empty pipeline batches in a row stop the loader with an error.
+   and counted as ``decode_error_batch`` (its B samples); the loader goes on with the next one. The
+   decoder names no sample, so the log line's shards and keys are read again by a reader-only
+   pipeline restored from the last checkpoint (:func:`batch_sources`). Twenty failed or empty
+   pipeline batches in a row stop the loader with an error.
 
 Resume. The position is (epoch, batches consumed) plus a DALI checkpoint (``enable_checkpointing``:
 reader position, shuffle buffer and RNG states) taken after the pipeline run before the one that fed
@@ -88,6 +93,8 @@ same graph).
 Remote shards (``pipe:``, ``http(s)://``, ``s3://`` → ``pipe:aws s3 cp URL -``, and other schemes
 webdataset's ``gopen`` knows) are copied into ``cache_dir`` with ``retries`` attempts, checked for
 completeness and indexed there; a shard that cannot be fetched is counted as ``bad_shard`` and skipped.
+``pipe:CMD`` runs CMD in a shell; with ``allow_pipe=False`` in the spec, ``pipe:`` and ``s3://`` URLs
+are refused (ValueError) at construction.
 
 Speed (benchmarks/bench_data.py, 2 CPU threads, B = 32, 500×375 JPEGs, after the kernel compiled;
 two runs): torchvision 129 / 126 images/s, this backend's exact CPU path 305 / 299 (2.4×); the
@@ -105,11 +112,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import random
+import shlex
 import shutil
 import time
 from collections import Counter
@@ -118,8 +125,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .captions import CaptionRecordError, Tokenizer, sample_captions
-from .loader import IMAGE_KEYS, StreamSpec, _seed, local_tar_problem
+from .captions import SampleError, Tokenizer, sample_captions
+from .loader import IMAGE_KEYS, StreamSpec, _seed, check_pipe_urls, local_tar_problem, parse_json
 from .pil_crop import PARAM_FIELDS
 from .shards import ShardError, index_path, read_report, write_index
 from .transforms import OPENAI_MEAN, OPENAI_STD
@@ -399,6 +406,17 @@ def multicrop_graph(encoded, images, global_size: int, local_size: int, crop_sca
     return [c for c, _ in crops], [p for _, p in crops if p is not None]
 
 
+def _reader(paths, index_paths, shuffle_buffer: int, reader_seed: int):
+    """(encoded image, json bytes) from the webdataset reader: the sample order depends on these
+    arguments alone (shared by the training pipeline and :func:`batch_sources`)."""
+    from nvidia.dali import fn
+
+    return fn.readers.webdataset(
+        paths=list(paths), index_paths=list(index_paths), ext=[";".join(IMAGE_KEYS), "json"],
+        missing_component_behavior="skip", random_shuffle=shuffle_buffer > 1,
+        initial_fill=max(1, shuffle_buffer), seed=reader_seed, name="reader")
+
+
 def build_pipeline(paths, index_paths, batch_size: int, *, global_size: int, local_size: int, crop_scale: float,
                    n_local: int, shuffle_buffer: int, seed: int, reader_seed: int, device_id=None,
                    num_threads: int = 2, prefetch: int = 2, checkpoint=None, hue_mode: str = "exact",
@@ -411,10 +429,7 @@ def build_pipeline(paths, index_paths, batch_size: int, *, global_size: int, loc
 
     @pipeline_def(enable_conditionals=True)
     def cosmos_multicrop():
-        encoded, meta = fn.readers.webdataset(
-            paths=list(paths), index_paths=list(index_paths), ext=[";".join(IMAGE_KEYS), "json"],
-            missing_component_behavior="skip", random_shuffle=shuffle_buffer > 1,
-            initial_fill=max(1, shuffle_buffer), seed=reader_seed, name="reader")
+        encoded, meta = _reader(paths, index_paths, shuffle_buffer, reader_seed)
         # PIL does not apply EXIF orientation, so neither do we
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                    adjust_orientation=False)
@@ -427,6 +442,67 @@ def build_pipeline(paths, index_paths, batch_size: int, *, global_size: int, loc
                             checkpoint=checkpoint, exec_dynamic=True)
     pipe.build()
     return pipe
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return n, i
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value, raw bytes) of each top-level field of a protobuf message."""
+    i = 0
+    while i < len(buf):
+        start = i
+        tag, i = _varint(buf, i)
+        if tag & 7 == 0:
+            val, i = _varint(buf, i)
+        elif tag & 7 == 2:
+            n, i = _varint(buf, i)
+            val, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unexpected protobuf wire type {tag & 7}")
+        yield tag >> 3, val, buf[start:i]
+
+
+def _reader_checkpoint(cp: bytes) -> bytes:
+    """The reader's part of a pipeline checkpoint, which a reader-only pipeline accepts. DALI's
+    Checkpoint message has one field-1 entry ``{1: operator name, 2: state}`` per operator: keep the
+    reader's and its outputs' (``__MakeContiguous_..._reader[i]``) and every other field."""
+    keep = []
+    for field, val, raw in _proto_fields(cp):
+        if field == 1:
+            name = next((v for f, v, _ in _proto_fields(val) if f == 1), b"")
+            if name != b"reader" and b"_reader[" not in name:
+                continue
+        keep.append(raw)
+    return b"".join(keep)
+
+
+def batch_sources(paths, index_paths, batch_size: int, shuffle_buffer: int, reader_seed: int, checkpoint,
+                  runs: int) -> list[str]:
+    """Source infos (``path.tar:offset:key.json``) of the samples of the ``runs``-th pipeline run after
+    ``checkpoint`` (None: the epoch start), read again without decoding. A failed decode reports no
+    sample, so this is how a dropped batch is named."""
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def
+    def reader_only():
+        return _reader(paths, index_paths, shuffle_buffer, reader_seed)[1]
+
+    pipe = reader_only(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                       enable_checkpointing=True, exec_dynamic=True,
+                       checkpoint=None if checkpoint is None else _reader_checkpoint(checkpoint))
+    pipe.build()
+    for _ in range(runs):
+        (meta,) = pipe.run()
+    return [meta[i].source_info() for i in range(len(meta))]
 
 
 # ------------------------------------------------------------------------------ captions
@@ -444,14 +520,10 @@ def _caption_job(payload):
     caps, reasons = [], []
     for meta, seed in zip(metas, seeds):
         try:
-            record = json.loads(meta)
-        except (ValueError, UnicodeDecodeError) as e:
-            reasons.append(("bad_json", str(e)))
-            continue
-        try:
+            record = parse_json(meta)                # any parse failure, or over the size limit: bad_json
             caps.append(sample_captions(record, random.Random(seed), num_captions, mode, string_fields))
             reasons.append(None)
-        except CaptionRecordError as e:
+        except SampleError as e:
             reasons.append((e.reason, str(e)))
     tokens = tok([c for cs in caps for c in cs]).reshape(len(caps), num_captions, -1) if caps else None
     return tokens, reasons
@@ -506,6 +578,7 @@ class DaliWebDatasetLoader:
             raise ValueError("need n_local >= 0 and num_captions >= 2")
         if not 0.05 < spec.crop_scale < 1.0:
             raise ValueError(f"data.crop_scale must lie in (0.05, 1), got {spec.crop_scale}")
+        check_pipe_urls(spec.shards, spec.allow_pipe)
         self.spec = spec
         self.device = resolve_device(device)
         self.num_threads = num_threads or max(1, spec.num_workers)
@@ -606,6 +679,10 @@ class DaliWebDatasetLoader:
                 f"l{s.local_size}x{s.n_local} s{s.crop_scale} buf{s.shuffle_buffer} world{s.world} "
                 f"rank{s.rank} seed{s.seed} res{int(s.resampled)} n{len(s.shards)}")
 
+    def _logs(self, reason: str) -> bool:
+        """Whether the next skip of this reason gets a log line."""
+        return self._logged[reason] < _LOG_PER_REASON
+
     def _skip(self, reason: str, n: int = 1, where: str = "", detail: str = "", count: bool = True):
         if not count:
             return
@@ -625,7 +702,11 @@ class DaliWebDatasetLoader:
             import concurrent.futures as cf
             import multiprocessing as mp
 
-            self._pool = cf.ProcessPoolExecutor(self.caption_workers, mp_context=mp.get_context("spawn"))
+            from .lifeline import die_with_parent
+
+            # a pool worker blocks on its call queue forever once we are gone: have it die with us
+            self._pool = cf.ProcessPoolExecutor(self.caption_workers, mp_context=mp.get_context("spawn"),
+                                                initializer=die_with_parent, initargs=(os.getpid(),))
         n = max(1, math.ceil(len(metas) / self.caption_workers))
         parts = list(self._pool.map(_caption_job, [(metas[i:i + n], seeds[i:i + n], *args)
                                                    for i in range(0, len(metas), n)]))
@@ -649,8 +730,9 @@ class DaliWebDatasetLoader:
             url = url[len("file:"):]
         if not (url.startswith("pipe:") or "://" in url):
             return Path(url)
+        check_pipe_urls([url], self.spec.allow_pipe)
         if url.startswith("s3://"):
-            url = f"pipe:aws s3 cp {url} -"
+            url = f"pipe:aws s3 cp {shlex.quote(url)} -"          # the URL is an argument, never shell syntax
         from webdataset.gopen import gopen
 
         name = url.rstrip("/ -").rsplit("/", 1)[-1].split("?")[0] or "shard.tar"
@@ -734,14 +816,14 @@ class _EpochStream:
     def __init__(self, loader: DaliWebDatasetLoader):
         self.loader = ld = loader
         s = ld.spec
-        paths, idxs = ld.resolve_epoch(ld.epoch, count=not ld._started)
+        self.paths, self.idxs = paths, idxs = ld.resolve_epoch(ld.epoch, count=not ld._started)
         ld._started = True
         pos = ld._position or {"checkpoint": None, "runs": 0, "target": 0, "drop": 0, "counted": False}
+        self.reader_seed = _seed(s.seed, ld.epoch, s.rank, 6) % (2 ** 31 - 1)
         self.pipe = build_pipeline(
             paths, idxs, s.batch_size, global_size=s.global_size, local_size=s.local_size,
             crop_scale=s.crop_scale, n_local=s.n_local, shuffle_buffer=s.shuffle_buffer,
-            seed=_seed(s.seed, ld.epoch, s.rank, 5) % (2 ** 31 - 1),
-            reader_seed=_seed(s.seed, ld.epoch, s.rank, 6) % (2 ** 31 - 1),
+            seed=_seed(s.seed, ld.epoch, s.rank, 5) % (2 ** 31 - 1), reader_seed=self.reader_seed,
             device_id=ld.device.index if ld.device.type == "cuda" else None,
             num_threads=ld.num_threads, prefetch=ld.prefetch, checkpoint=pos["checkpoint"], hue_mode=ld.hue_mode)
         self.cp, self.cp_runs = pos["checkpoint"], pos["runs"]   # checkpoint and the runs it reflects
@@ -772,8 +854,11 @@ class _EpochStream:
         except RuntimeError as e:
             self.bad_runs += 1
             first = next((ln.strip() for ln in str(e).splitlines() if "failure" in ln), str(e).strip()[:200])
-            ld._skip("decode_error_batch", s.batch_size, f"a batch of rank {s.rank}, epoch {ld.epoch}",
-                     f"DALI: {first}; the batch is dropped", count=not counted)
+            where = f"a batch of rank {s.rank}, epoch {ld.epoch}"
+            if not counted and ld._logs("decode_error_batch"):
+                where += f" ({self._failed_samples(run)})"
+            ld._skip("decode_error_batch", s.batch_size, where, f"DALI: {first}; the batch is dropped",
+                     count=not counted)
             self._check_bad()
             return
         self.cp, self.cp_runs = self.pipe.checkpoint(), self.run
@@ -803,6 +888,20 @@ class _EpochStream:
             chunk = chunk.rest(self.drop)
         if chunk.keys:
             self.chunks.append(chunk)
+
+    def _failed_samples(self, run: int) -> str:
+        """'k1, k2 in a.tar; k3 in b.tar': the samples of a failed pipeline run (the last good
+        checkpoint reflects ``cp_runs`` runs)."""
+        s = self.loader.spec
+        try:
+            infos = batch_sources(self.paths, self.idxs, s.batch_size, s.shuffle_buffer, self.reader_seed, self.cp,
+                                  run + 1 - self.cp_runs)
+        except Exception as e:          # naming the batch is best effort; dropping it is not
+            return f"samples unknown: {type(e).__name__}"
+        by_shard = {}
+        for info in infos:
+            by_shard.setdefault(info.rsplit(":", 2)[0], []).append(_key(info))
+        return "; ".join(f"{', '.join(keys)} in {shard}" for shard, keys in by_shard.items())
 
     def _check_bad(self):
         if self.bad_runs >= _MAX_BAD_RUNS:

@@ -20,9 +20,16 @@ start and fast-forwards the batches already consumed — decoding images (so tha
 are skipped again at the same places) but without augmentation or tokenisation — and the workers
 are rotated so the round-robin order of the data loader continues where it stopped.
 
-Bad data. A sample without an image or a json record, an image PIL cannot decode, a caption record
-that is not valid json or cannot be sampled (see :mod:`.captions`) is counted by reason, logged with
-its shard and key, and skipped. A truncated or unreadable tar is logged and the shard is skipped.
+Bad data. A sample without an image or a json record, an image PIL cannot decode or DALI's decoder
+does not read (:func:`decode_image`), a json record that does not parse for any reason (invalid,
+nested too deep for Python's parser, over :data:`MAX_JSON_BYTES`) or cannot be sampled (see
+:mod:`.captions`) is counted by reason, logged with its shard and key, and skipped: no exception
+raised while decoding one sample stops training. A truncated or unreadable tar is logged and the
+shard is skipped. Both backends and ``make-shards`` apply the same checks under the same reasons.
+
+Shard URLs are opened by webdataset: ``pipe:CMD`` runs CMD in a shell (webdataset's design), so a
+shard list or config written by someone else can run commands; ``allow_pipe=False`` refuses such
+URLs (:func:`check_pipe_urls`).
 
 Worker processes start with ``forkserver`` by default (``data.worker_start``): they fork from a
 clean single-threaded server instead of from the training process, whose thread pools (OpenMP,
@@ -40,6 +47,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import random
 import sys
 from collections import Counter
@@ -49,12 +57,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .captions import CaptionRecordError, Tokenizer, caption_pool, sample_captions
+from . import lifeline
+from .captions import SampleError, Tokenizer, caption_pool, sample_captions
 from .transforms import FusedMultiCropTransform, MultiCropTransform, resolve_augment, seeded
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+# PIL format names DALI's image decoder reads (MPO: a camera JPEG with extra frames, decoded by both as
+# its first): any other format (e.g. a GIF named .jpg) is skipped as unsupported_image_format by both
+# backends, since DALI would drop its whole batch at run time
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000")
+MAX_JSON_BYTES = 1 << 20          # a sample's json beyond this is bad_json (captions are a few kB)
+SHELL_SCHEMES = ("pipe", "s3")    # URL schemes whose shards are read by running a shell command
 _LOG_PER_REASON = 10
 WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 _WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [worker pid %(process)d]: %(message)s"
@@ -64,7 +79,8 @@ def worker_context(method: str = "forkserver"):
     """The multiprocessing context data-loader workers start with.
 
     ``forkserver`` preloads torch and this module into the server once, so every later worker
-    starts by a cheap fork of a process that never ran a thread pool.
+    starts by a cheap fork of a process that never ran a thread pool. :mod:`.lifeline` comes first
+    in the preload: it makes the server die with the process that started it.
     """
     if method not in WORKER_START_METHODS:
         raise ValueError(f"data.worker_start = {method!r} must be one of {', '.join(WORKER_START_METHODS)}")
@@ -72,12 +88,18 @@ def worker_context(method: str = "forkserver"):
         raise ValueError(f"data.worker_start = {method!r} is not available on {sys.platform}")
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["torch", __name__])
+        ctx.set_forkserver_preload([lifeline.__name__, "torch", __name__])
     return ctx
 
 
+def _worker_init(owner: int, level: int, worker_id: int) -> None:
+    """worker_init_fn: die with the parent (the fork server, or ``owner`` itself), then log."""
+    lifeline.die_with_parent(owner)
+    _worker_logging(level, worker_id)
+
+
 def _worker_logging(level: int, _worker_id: int) -> None:
-    """worker_init_fn: a worker started without fork has no log handler; give this package's logger one
+    """A worker started without fork has no log handler; give this package's logger one
     at the parent's level (skip lines, bad shards), leaving other libraries' loggers at their defaults."""
     pkg = logging.getLogger("cosmos_fast")
     if not pkg.handlers:
@@ -89,11 +111,14 @@ def _worker_logging(level: int, _worker_id: int) -> None:
 
 
 def worker_loader_kwargs(num_workers: int, method: str = "forkserver") -> dict:
-    """``DataLoader`` keyword arguments for the worker start method (empty without workers)."""
+    """``DataLoader`` keyword arguments for the worker start method (empty without workers).
+
+    The workers die with this process, even when it is SIGKILLed (Linux; see :mod:`.lifeline`).
+    """
     if num_workers <= 0:
         return {}
     return {"multiprocessing_context": worker_context(method),
-            "worker_init_fn": functools.partial(_worker_logging,
+            "worker_init_fn": functools.partial(_worker_init, os.getpid(),
                                                 logging.getLogger("cosmos_fast").getEffectiveLevel())}
 
 
@@ -106,6 +131,61 @@ def expand_shards(spec: str | list) -> list[str]:
     if not urls:
         raise ValueError(f"data.train_shards {spec!r} expands to no shard")
     return urls
+
+
+def check_pipe_urls(urls, allow_pipe: bool, field: str = "data.train_shards") -> None:
+    """With ``allow_pipe=False``, refuse shard URLs that run a shell command: webdataset's ``pipe:CMD``
+    and ``s3://`` (which the DALI backend reads through ``pipe:aws s3 cp URL -``). The scheme is
+    parsed as webdataset parses it (case and leading blanks ignored)."""
+    from urllib.parse import urlparse
+
+    if allow_pipe:
+        return
+    for url in urls:
+        if urlparse(str(url)).scheme.lower() in SHELL_SCHEMES:
+            raise ValueError(f"{field} URL {url!r} runs a shell command ({urlparse(str(url)).scheme}:) but "
+                             f"data.allow_pipe is false; use local paths or http(s) URLs, or set "
+                             f"data.allow_pipe=true if you trust this shard list")
+
+
+def parse_json(data: bytes):
+    """A sample's json record. Any failure is :class:`SampleError` ``bad_json``: invalid json, a record
+    over :data:`MAX_JSON_BYTES`, or one nested too deep for Python's parser (RecursionError)."""
+    if len(data) > MAX_JSON_BYTES:
+        raise SampleError("bad_json", f"json of {len(data)} bytes is over the {MAX_JSON_BYTES}-byte limit per sample")
+    try:
+        return json.loads(data)
+    except Exception as e:        # ValueError, UnicodeDecodeError, RecursionError, ...
+        raise SampleError("bad_json", f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _is_gray16(img: Image.Image) -> bool:
+    """16-bit grayscale: mode I;16 (I;16B, ...), or I from a PNG (older Pillow reads 16-bit PNGs as I)."""
+    return img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
+
+
+def decode_image(data: bytes, formats=IMAGE_FORMATS) -> Image.Image:
+    """A sample's image, fully decoded to 8 bits per channel as both backends see it, else
+    :class:`SampleError`: ``corrupt_image`` (PIL fails, whatever it raises) or
+    ``unsupported_image_format`` (a format outside ``formats``; a 32-bit or float image).
+
+    16-bit grayscale is scaled to 8 bits as round(v / 257) — the exact map of 0..65535 onto 0..255,
+    and what DALI's decoder does (tests/test_dali.py) — where ``convert("RGB")`` would clip it to
+    white. Other 16-bit PNGs (RGB, RGBA, LA) are read by PIL as v >> 8 and by DALI rounded: at most
+    one level apart."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:        # PIL raises many types for corrupt data
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if formats is not None and img.format not in formats:
+        raise SampleError("unsupported_image_format", f"{img.format} image (DALI decodes {', '.join(formats)})")
+    if _is_gray16(img):
+        v = np.asarray(img).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((v + 128) // 257).astype(np.uint8))           # mode L, round(v / 257)
+    if img.mode in ("I", "F") or img.mode.startswith("I;"):
+        raise SampleError("unsupported_image_format", f"{img.format} image of mode {img.mode} (32-bit or float)")
+    return img
 
 
 def _seed(*parts) -> int:
@@ -142,6 +222,7 @@ class StreamSpec:
     context_length: int
     worker_start: str = "forkserver"
     augment: str = "pil"          # pil: torchvision's PIL ops; fused: the same crops from pil_crop's kernel
+    allow_pipe: bool = True       # False: refuse shard URLs that run a shell command (check_pipe_urls)
 
 
 class _Skips:
@@ -258,20 +339,11 @@ class SampleStream:
             self.skips.add("missing_json", url, key)
             return None
         try:
-            record = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            self.skips.add("bad_json", url, key, str(e))
-            return None
-        try:
+            record = parse_json(sample["json"])
             caption_pool(record, self.spec.caption_mode, self.spec.string_fields)
-        except CaptionRecordError as e:
+            img = decode_image(sample[img_key])
+        except SampleError as e:              # bad_json, caption reasons, corrupt or unsupported image
             self.skips.add(e.reason, url, key, str(e))
-            return None
-        try:
-            img = Image.open(io.BytesIO(sample[img_key]))
-            img.load()
-        except Exception as e:   # PIL raises several types for corrupt files
-            self.skips.add("corrupt_image", url, key, f"{type(e).__name__}: {e}")
             return None
         return img, record
 
@@ -346,6 +418,7 @@ class WebDatasetLoader:
                              f"worker needs a shard (set data.num_workers lower or data.resampled=true)")
         if spec.steps_per_epoch % nw:
             raise ValueError(f"steps_per_epoch {spec.steps_per_epoch} is not a multiple of {nw} workers")
+        check_pipe_urls(spec.shards, spec.allow_pipe)
         spec = dataclasses.replace(spec, augment=resolve_augment(spec.augment))
         if spec.augment == "fused":
             # compile (or load from Numba's disk cache) here once, so the workers only load the cache

@@ -19,7 +19,8 @@ Sources (cosmos_method.md §4.1):
 Images are resolved in a folder by the record's path (absolute, or relative to the folder), then by
 the ``url`` in img2dataset-style ``{key}.json`` sidecars, then by file name. Every image is fully
 decoded with PIL before it is written; JPEG, PNG and WebP bytes are kept as they are, any other format
-PIL reads is re-encoded losslessly as PNG (DALI's decoders do not read e.g. GIF).
+PIL reads is re-encoded losslessly as PNG (DALI's decoders do not read e.g. GIF) after the 8-bit
+conversion both loaders apply (:func:`~cosmos_fast.data.loader.decode_image`).
 
 Output: ``{prefix}-NNNNNN.tar`` of at most ``--shard-size`` bytes (and ``--max-per-shard`` samples),
 each sample ``{key}.{jpg|png|webp}`` + ``{key}.json``, keys from the source (the CSV row number,
@@ -27,14 +28,17 @@ or img2dataset's key), tar headers with a fixed mtime, so the same input gives b
 Beside every tar: ``{prefix}-NNNNNN.idx``, the DALI webdataset index (format v1.2, listing only the
 image and json of each sample), and ``{prefix}-NNNNNN.idx.json``, its report (tar size, sample
 count, skipped samples by reason, validated or not). ``{prefix}-manifest.json`` sums up the run.
-Records that cannot be used are skipped, counted by reason and printed, never fatal. A re-run
-rewrites every shard deterministically (each written to a temporary name, then renamed) and removes
-shards of an earlier run beyond the new count, so records are neither duplicated nor lost; a key seen
-twice in the input is written once (``duplicate_key``).
+Records that cannot be used are skipped, counted by reason and printed, never fatal: any exception
+while decoding one record's json (``bad_json``, also over the loader's size limit) or image is that
+record's skip reason. A re-run rewrites every shard deterministically (each written to a temporary
+name, then renamed) and removes shards of an earlier run beyond the new count, so records are neither
+duplicated nor lost; a key seen twice in the input is written once (``duplicate_key``). A run that
+stops on an exception removes the temporary tar it was writing.
 
 Indexes of existing shards (``--index-only 'shards/{000..099}.tar'``): :func:`write_index` reads each
 tar once, decodes every image and parses every json, and leaves samples DALI could not use (corrupt or
-undecodable image, missing image or json, unusable caption record) out of the index, reporting them.
+undecodable image, missing image or json, unusable caption record) out of the index, reporting them
+under the torchvision loader's reasons (the same checks, :mod:`.loader`).
 This is how the DALI backend keeps the skip-and-count policy: a corrupt image cannot be skipped inside
 a DALI pipeline, so it is kept out of the index instead.
 """
@@ -55,15 +59,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from .captions import DREAMLIP_FIELDS, CaptionRecordError, caption_pool, split_sentences
-from .loader import IMAGE_KEYS, expand_shards, local_tar_problem
+from .captions import DREAMLIP_FIELDS, SampleError, caption_pool, split_sentences
+from .loader import (IMAGE_FORMATS, IMAGE_KEYS, MAX_JSON_BYTES, decode_image, expand_shards, local_tar_problem,
+                     parse_json)
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = "v1.2"
 REPORT_FORMAT = "cosmos-fast-index/1"
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}     # written as they are
-DALI_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000"}   # DALI decodes these
 DREAMLIP_IMAGE_COLUMN = "Image Path"
 PIXELPROSE_URL_COLUMNS = ("url", "image_url", "Image Path")
 PIXELPROSE_CAPTION_COLUMNS = ("vlm_caption", "caption")
@@ -76,12 +80,16 @@ class ShardError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- validation
-def check_image(data: bytes) -> tuple[str | None, str | None]:
-    """(PIL format, None) when the image decodes completely, else (format or None, reason)."""
+def check_image(data: bytes, formats=IMAGE_FORMATS) -> tuple[str | None, str | None]:
+    """(PIL format, None) when both loaders accept the image, else (None, reason): the loaders' own
+    check (:func:`~cosmos_fast.data.loader.decode_image`), with ``formats`` the formats accepted
+    (default: those DALI decodes; None: any PIL reads)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
-            img.load()
+        decode_image(data, formats)
+    except SampleError as e:
+        return None, e.reason
     except Exception:     # PIL raises many types for corrupt data
         return None, "corrupt_image"
     return fmt, None
@@ -97,7 +105,7 @@ def check_record(record, caption_mode: str = "auto") -> str | None:
         caption_mode = "textcrop_pixelprose" if ("caption" in record and "raw_caption" not in record) else "textcrop"
     try:
         caption_pool(record, caption_mode, "split")
-    except CaptionRecordError as e:
+    except SampleError as e:
         return e.reason
     return None
 
@@ -184,15 +192,15 @@ def write_index(tar_path, idx_path=None, validate: bool = True, caption_mode: st
                 skip(key, "missing_json")
                 continue
             img, js = comps[img_ext], comps["json"]
-            if validate:
-                fmt, reason = check_image(tf.extractfile(img).read())
-                if reason is None and fmt not in DALI_FORMATS:
-                    reason = "unsupported_image_format"
+            if validate:          # the torchvision loader's checks, in its order
+                try:
+                    if js.size > MAX_JSON_BYTES:
+                        raise SampleError("bad_json", f"json of {js.size} bytes")
+                    reason = check_record(parse_json(tf.extractfile(js).read()), caption_mode)
+                except SampleError as e:
+                    reason = e.reason
                 if reason is None:
-                    try:
-                        reason = check_record(json.loads(tf.extractfile(js).read()), caption_mode)
-                    except (ValueError, UnicodeDecodeError):
-                        reason = "bad_json"
+                    reason = check_image(tf.extractfile(img).read())[1]
                 if reason:
                     skip(key, reason)
                     continue
@@ -267,6 +275,15 @@ class ShardWriter:
         write_index(self._path, validate=False, prevalidated=True)
         self.shards.append(self._path)
 
+    def abort(self) -> None:
+        """Remove the tar being written (after an exception: no ``.tar.tmp`` is left behind)."""
+        if self._tf is not None:
+            try:
+                self._tf.close()
+            finally:
+                self._tf = None
+                self._tmp.unlink(missing_ok=True)
+
     def close(self) -> list[Path]:
         if self._tf is not None:
             self._finish()
@@ -302,8 +319,8 @@ class FolderImages:
                 side = p.with_name(stem + ".json")
                 if side.is_file():
                     try:
-                        url = json.loads(side.read_text()).get("url")
-                    except (ValueError, OSError, AttributeError):
+                        url = parse_json(side.read_bytes()).get("url")
+                    except (SampleError, OSError, AttributeError):
                         url = None
                     if url:
                         self._by_url.setdefault(url, p)
@@ -417,12 +434,14 @@ def _rows_from_img2dataset(source: str, pattern):
                     yield key, None, None, "missing_json"
                     continue
                 try:
-                    meta = json.loads(tf.extractfile(comps["json"]).read())
+                    if comps["json"].size > MAX_JSON_BYTES:
+                        raise SampleError("bad_json", "over the size limit")
+                    meta = parse_json(tf.extractfile(comps["json"]).read())
                     rec = dreamlip_record(meta) if source == "dreamlip" else pixelprose_record(meta)
-                except (ValueError, UnicodeDecodeError, AttributeError):
+                except (SampleError, AttributeError):          # unparsable, or not an object
                     yield key, None, None, "bad_json"
                     continue
-                except KeyError:
+                except Exception:                             # a missing or unusable caption column
                     yield key, None, None, "bad_record"
                     continue
                 if isinstance(meta.get("url"), str):
@@ -434,6 +453,24 @@ def _rows_from_img2dataset(source: str, pattern):
         except (tarfile.TarError, OSError, EOFError) as e:
             log.warning("shard %s is unreadable past some point (%r); the rest is skipped", url, e)
             yield f"{Path(url).name}", None, None, "bad_shard"
+
+
+def _shard_image(data: bytes) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, PIL format, None) to write, or (None, None, reason). JPEG, PNG and WebP are kept as they
+    are; any other format PIL reads is re-encoded losslessly as PNG from the loaders' 8-bit image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+        img = decode_image(data, formats=None)
+        if fmt in KEEP_FORMATS:
+            return data, fmt, None
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")                         # e.g. GIF, TIFF
+        return buf.getvalue(), "PNG", None
+    except SampleError as e:
+        return None, None, e.reason
+    except Exception:          # PIL raises many types for corrupt data
+        return None, None, "corrupt_image"
 
 
 def make_shards(source: str, out_dir, captions=None, images=None, img2dataset=None, prefix: str = "shard",
@@ -450,26 +487,25 @@ def make_shards(source: str, out_dir, captions=None, images=None, img2dataset=No
     writer = ShardWriter(out_dir, prefix, shard_size, max_per_shard)
     skipped, seen, bad = Counter(), set(), []
     mode = "textcrop" if source == "dreamlip" else "textcrop_pixelprose"
-    for key, image, record, reason in rows:
-        if reason is None and key in seen:
-            reason = "duplicate_key"
-        if reason is None:
-            reason = check_record(record, mode)
-        if reason is None:
-            fmt, reason = check_image(image)
-            if reason is None and fmt not in KEEP_FORMATS:
-                buf = io.BytesIO()
-                with Image.open(io.BytesIO(image)) as img:      # lossless re-encode (e.g. GIF, TIFF)
-                    img.save(buf, format="PNG")
-                image, fmt = buf.getvalue(), "PNG"
-        if reason:
-            skipped[reason] += 1
-            if len(bad) < _KEEP_BAD:
-                bad.append([key, reason])
-            continue
-        seen.add(key)
-        writer.write(key, image, KEEP_FORMATS[fmt], record)
-    shards = writer.close()
+    try:
+        for key, image, record, reason in rows:
+            if reason is None and key in seen:
+                reason = "duplicate_key"
+            if reason is None:
+                reason = check_record(record, mode)
+            if reason is None:
+                image, fmt, reason = _shard_image(image)
+            if reason:
+                skipped[reason] += 1
+                if len(bad) < _KEEP_BAD:
+                    bad.append([key, reason])
+                continue
+            seen.add(key)
+            writer.write(key, image, KEEP_FORMATS[fmt], record)
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     n = len(shards)
     pattern = (str(Path(out_dir) / f"{prefix}-{{000000..{n - 1:06d}}}.tar") if n > 1
                else str(Path(out_dir) / f"{prefix}-000000.tar") if n else "")

@@ -4,7 +4,7 @@
                      [--retrieval-root DIR [--retrieval-sets coco,flickr30k] [--retrieval-split official|karpathy]]
                      [--imagenet-val DIR [--imagenet-classnames FILE]] [--sun397-root DIR [--sun397-seed S]]
                      [--batch-size N] [--num-workers N] [--device auto|cpu|cuda:N] [--precision fp32|amp_bf16|amp_fp16]
-                     [--output results.json]
+                     [--output results.json] [--trust-checkpoint]
     cosmos-fast eval --huggingface-repo-name sankim2/cosmos --huggingface-model-name cosmos_vitb16_cc3m.pt ...
 
 A released model named with ``--huggingface-*`` is fetched with ``huggingface_hub`` where the network
@@ -13,7 +13,8 @@ allows and read from the local hub cache otherwise (``HF_HUB_OFFLINE=1`` reads o
 the official segmentation evaluation uses); ``both`` evaluates student and teacher on one pass over
 the data, as the official ``main.py`` does. A file holding a single model is evaluated once, under
 the name ``model``. ``--model-config`` defaults to ViT-B-32 when the file name says ``vitb32`` and to
-ViT-B-16 otherwise.
+ViT-B-16 otherwise. Only tensors, plain containers and a few known types are unpickled: a file that
+holds other objects is refused (exit 2) unless ``--trust-checkpoint`` says its code may run.
 
 The JSON written with ``--output``: ``{model, model_config, checkpoint, source, huggingface, epoch,
 run_name, image_size, split, datasets: {name: {metrics..., n_images, n_texts | n_classes, ...}}}``;
@@ -113,16 +114,18 @@ def resolve_model_config(value, checkpoint_name: str = ""):
     return value, value
 
 
-def load_models(path, model_config, weights: Sequence[str] = ("teacher",), device="cpu") -> tuple[dict, dict]:
+def load_models(path, model_config, weights: Sequence[str] = ("teacher",), device="cpu", *,
+                trust: bool = False) -> tuple[dict, dict]:
     """Build and load ``weights`` ("student" / "teacher") from one read of the file.
 
     A file holding one model (bare state dict, or ``state_dict`` without ``ema_state_dict``) yields a
     single entry ``"model"``. Returns ``({name: model in eval mode}, {"epoch", "run_name"})``.
+    ``trust=True`` allows full unpickling, which can run code from the file (``--trust-checkpoint``).
     """
     from ..model import create_model
     from ..model.checkpoint import check_state_dict, select_state_dict, strip_prefix, torch_load
 
-    obj = torch_load(path)
+    obj = torch_load(path, trust=trust)
     two = isinstance(obj, Mapping) and (any(k in obj for k in ("student", "teacher"))
                                         or {"state_dict", "ema_state_dict"} <= set(obj))
     models = {}
@@ -149,8 +152,11 @@ def _device(name: str) -> torch.device:
 
 def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None, huggingface_file: str | None = None,
                         huggingface_revision: str | None = None, model: str = "teacher", model_config=None,
-                        device="auto", **eval_kwargs) -> dict:
+                        device="auto", trust_checkpoint: bool = False, **eval_kwargs) -> dict:
     """Resolve, load and evaluate a checkpoint; returns the report written by ``--output``.
+
+    ``trust_checkpoint=True`` unpickles the file in full (it can then run arbitrary code); by
+    default a file holding more than tensors, plain containers and a few known types is refused.
 
     ``eval_kwargs`` go to :func:`cosmos_fast.eval.evaluate.evaluate_models` (retrieval_root,
     retrieval_sets, split, imagenet_val, imagenet_classnames, sun397_root, batch_size, ...).
@@ -168,7 +174,7 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     cfg, label = resolve_model_config(model_config, path.name)
     dev = _device(device) if isinstance(device, str) else torch.device(device)
     weights = ("student", "teacher") if model == "both" else (model,)
-    models, meta = load_models(path, cfg, weights, dev)
+    models, meta = load_models(path, cfg, weights, dev, trust=trust_checkpoint)
     image_size = eval_kwargs.get("image_size") or next(iter(models.values())).cfg.vision_cfg.image_size
     results = evaluate_models(models, device=dev, distributed=False, sets=sets, **eval_kwargs)
     report = {"model": "model" if "model" in models else model, "model_config": label,
@@ -192,6 +198,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="weights to evaluate (default teacher; both = student and teacher, as main.py)")
     src.add_argument("--model-config", metavar="NAME_OR_JSON",
                      help="ViT-B-16, ViT-B-32, tiny or a JSON config file (default: from the file name, else ViT-B-16)")
+    src.add_argument("--trust-checkpoint", action="store_true",
+                     help="unpickle the checkpoint in full: such a file can run arbitrary code, so only for files you "
+                          "trust (default: only tensors, plain containers and a few known types are read)")
     data = p.add_argument_group("data")
     data.add_argument("--retrieval-root", metavar="DIR", help="folder holding coco/ and flickr30k-images/")
     data.add_argument("--retrieval-sets", default=",".join(RETRIEVAL_SETS),
@@ -240,6 +249,7 @@ def run_eval(args) -> int:
             args.checkpoint, huggingface_repo=args.huggingface_repo_name,
             huggingface_file=args.huggingface_model_name, huggingface_revision=args.huggingface_revision,
             model=args.model, model_config=args.model_config, device=args.device,
+            trust_checkpoint=args.trust_checkpoint,
             retrieval_root=args.retrieval_root, retrieval_sets=args.retrieval_sets, split=args.retrieval_split,
             imagenet_val=args.imagenet_val, imagenet_classnames=args.imagenet_classnames,
             sun397_root=args.sun397_root, sun397_seed=args.sun397_seed, batch_size=args.batch_size,

@@ -6,11 +6,11 @@ normalised unimodal embeddings (no poolers), computed once per model.
 """
 from __future__ import annotations
 
-import io
-import json
+import logging
 
 import torch
-from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -36,8 +36,15 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_
 
 
 def load_retrieval_shards(urls, caption_key: str = "retrieval_captions"):
-    """(list of PIL images, list of captions, text→image index) from webdataset shards."""
+    """(list of PIL images, list of captions, text→image index) from webdataset shards.
+
+    A sample whose json or image cannot be decoded (the training loader's rules: ``bad_json``,
+    ``corrupt_image``, ``unsupported_image_format``) is skipped with a log line naming shard and key; a
+    record without the jpg/json members or the caption list is an error naming the sample."""
     from webdataset import tariterators
+
+    from ..data.captions import SampleError
+    from ..data.loader import decode_image, parse_json
 
     images, captions, owner = [], [], []
     for url in urls:
@@ -46,12 +53,17 @@ def load_retrieval_shards(urls, caption_key: str = "retrieval_captions"):
             key = sample.get("__key__")
             if "json" not in sample or "jpg" not in sample:
                 raise ValueError(f"retrieval sample {key!r} in {url} lacks a jpg or json member")
-            record = json.loads(sample["json"])
-            caps = record.get(caption_key)
+            try:
+                record = parse_json(sample["json"])
+                image = decode_image(sample["jpg"]).convert("RGB")
+            except SampleError as e:
+                log.warning("skipping retrieval sample %r in %s: %s (%s)", key, url, e.reason, e)
+                continue
+            caps = record.get(caption_key) if isinstance(record, dict) else None
             if not isinstance(caps, list) or not caps:
                 raise ValueError(f"retrieval sample {key!r} in {url}: field {caption_key!r} must be a "
                                  f"non-empty list of captions")
-            images.append(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+            images.append(image)
             captions += caps
             owner += [len(images) - 1] * len(caps)
     return images, captions, torch.tensor(owner)
