@@ -38,6 +38,8 @@ setup(
             "deepspeed==0.19.8",
             "nvidia-dali-cuda130==2.4.0",
             "numba==0.68.1",          # DALI CPU pipeline: the fused kernel equal to torchvision's crops (optional elsewhere)
+            "matplotlib==3.11.2",     # bench_results/ PNGs are compared byte for byte (tests/test_benchmarks.py)
+            "pillow==13.0.0",         # writes those PNGs; the crop kernel follows Pillow 13's resampling order
         ],
         # DALI for the cluster's CUDA major (A100 clusters: CUDA 12)
         "dali": ["nvidia-dali-cuda120", "numba"],

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import env_info, peak_memory, time_fn, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, record, time_fn, write_csv  # noqa: E402
 from cosmos_fast import CosmosLoss  # noqa: E402
 
 N_CROPS = N_CAPS = 8
@@ -75,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--blockwise-max", type=int, default=4096)
     ap.add_argument("--providers", nargs="+", default=None)
     ap.add_argument("--no-csv", action="store_true")
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -173,7 +174,10 @@ def main(argv=None):
               f"{sp:>8s} {mr:>8s} "
               f"{r['max_rel_err_vs_truth']:8.1e}")
     if not args.no_csv and rows:
-        print(f"\nwrote {write_csv('contrastive', rows, device)}")
+        out = write_csv('contrastive', rows, device)
+        print(f"\nwrote {out}")
+        if args.record:
+            record(out)
 
 
 if __name__ == "__main__":

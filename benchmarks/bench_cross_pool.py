@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import env_info, peak_memory, time_fn, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, record, time_fn, write_csv  # noqa: E402
 from cosmos_fast.model.pooler import CrossAttentionPooler  # noqa: E402
 from cosmos_fast.ops import cross_pool  # noqa: E402
 from cosmos_fast.reference.cross_pool import cross_pool_reference  # noqa: E402
@@ -166,6 +166,7 @@ def main(argv=None):
                          "(0: always time it)")
     ap.add_argument("--quick", action="store_true", help="B=8, 3 reps: a smoke test of the whole script")
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.reps, args.warmup = "8", 3, 1
@@ -201,7 +202,10 @@ def main(argv=None):
     print()
     print_table(rows)
     if not args.no_csv and rows:
-        print(f"\nwrote {write_csv('cross_pool', rows, device)}")
+        out = write_csv('cross_pool', rows, device)
+        print(f"\nwrote {out}")
+        if args.record:
+            record(out)
     return 0
 
 

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import env_info, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, record, write_csv  # noqa: E402
 from cosmos_fast.data.loader import StreamSpec, WebDatasetLoader  # noqa: E402
 from cosmos_fast.data.shards import ShardWriter  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="untimed batches after the first (prefetch drain)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--data-dir", help="reuse/keep shards here (default: a temporary folder)")
+    add_record_arg(p)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
               f"{r['ratio_vs_torchvision']!s:>13s}")
     out = write_csv("data", rows, device)
     print(f"\nwrote {out}")
+    if args.record:
+        record(out)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import env_info, peak_memory  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, record  # noqa: E402
 from cosmos_fast.ema import build_teacher  # noqa: E402
 from cosmos_fast.loss import CosmosLoss  # noqa: E402
 from cosmos_fast.model import create_model  # noqa: E402
@@ -459,6 +459,8 @@ def run(args) -> dict:
     if not args.no_csv:
         out["csv"] = write_rows("train", rows, device, root)
         print(f"wrote {out['csv']}")
+        if args.record:
+            record(out["csv"])
     if args.data:
         shards = args.shards
         if not shards:
@@ -480,6 +482,8 @@ def run(args) -> dict:
         if drows and not args.no_csv:
             out["data_csv"] = write_rows("train_data", drows, device, root)
             print(f"wrote {out['data_csv']}")
+            if args.record:
+                record(out["data_csv"])
     return out
 
 
@@ -521,6 +525,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-workers", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--results-dir", default=None, help="root for CSVs (default $COSMOS_BENCH_RESULTS or bench_results/)")
     ap.add_argument("--no-csv", action="store_true")
+    add_record_arg(ap)
     return ap.parse_args(argv)
 
 

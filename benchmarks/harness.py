@@ -6,6 +6,8 @@
   allocator's peak on GPU; on CPU a ``TorchDispatchMode`` that tracks every tensor storage created
   inside the call until it is freed (so it counts tensors saved for backward, not Python objects).
 * :func:`write_csv` — append rows to ``bench_results/<bench>/<device>_<date>_<sha>.csv``.
+* :func:`add_record_arg` / :func:`record` — ``--record``: name a run's CSV as its benchmark's headline
+  in ``bench_results/manifest.json``, the runs ``benchmarks/report.py`` puts in the README.
 
 A comparison is a ratio measured in one process run; absolute times only mean something on the
 device that produced them.
@@ -167,3 +169,31 @@ def write_csv(bench: str, rows: list[dict], device: torch.device) -> Path:
         for r in rows:
             w.writerow({**info, **r})
     return out
+
+
+MANIFEST = "manifest.json"
+
+
+def add_record_arg(ap) -> None:
+    """``--record``: this run's CSV becomes the headline its benchmark shows in bench_results/README.md."""
+    ap.add_argument("--record", action="store_true",
+                    help=f"mark this run's CSV as the headline for its benchmark and device in "
+                         f"bench_results/{MANIFEST} (benchmarks/report.py shows headline runs only)")
+
+
+def record(csv_path: Path) -> Path:
+    """Name ``csv_path`` (``<root>/<bench>/<device>_<date>_<sha>.csv``) as the headline of its benchmark
+    and device in ``<root>/manifest.json``, so report.py shows this run and not merely the newest CSV."""
+    import json
+
+    csv_path = Path(csv_path).resolve()
+    root, bench = csv_path.parents[1], csv_path.parent.name
+    with open(csv_path, newline="") as fh:
+        device = next(csv.DictReader(fh))["device"]
+    path = root / MANIFEST
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("headline", {}).setdefault(bench, {})[device] = csv_path.relative_to(root).as_posix()
+    data["headline"] = {b: dict(sorted(d.items())) for b, d in sorted(data["headline"].items())}
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    print(f"recorded {csv_path.relative_to(root).as_posix()} as the {bench} headline for {device} in {path}")
+    return path

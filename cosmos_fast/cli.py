@@ -1,13 +1,9 @@
-"""``cosmos-fast`` command line.
+"""The ``cosmos-fast`` command line: one sub-command per job (demo, train, eval, export, make-shards,
+make-demo-data).
 
-    cosmos-fast demo [--output-dir DIR] [key=value ...]      the embedded default (CPU, a few minutes)
-    cosmos-fast train --config PRESET_OR_YAML --output-dir DIR [--resume DIR_OR_FILE] [key=value ...]
-    cosmos-fast eval --checkpoint PATH [--model student|teacher|both] --retrieval-root DIR --imagenet-val DIR
-    cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE    (the official single-file format)
-    cosmos-fast make-shards --source dreamlip|pixelprose ... --output-dir DIR   (webdataset + DALI index)
-    cosmos-fast make-demo-data --output-dir DIR [--n-train N] [--n-val N] [--seed S]
-
-Without a command, ``demo`` runs.
+Building the parser imports neither torch nor the data stack, so ``--help`` is instant: ``eval`` and
+``make-shards`` define their options in modules that import torch, and are registered as stubs
+(name and one-line help) until one of them is the command being run.
 """
 from __future__ import annotations
 
@@ -44,7 +40,7 @@ def cmd_export(args) -> int:
 
     try:
         path = export_checkpoint(args.checkpoint, args.output, args.model_name, trust=args.trust_checkpoint)
-    except (FileNotFoundError, ValueError, CheckpointMismatchError, OSError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TypeError, CheckpointMismatchError, OSError) as e:
         print(f"cosmos-fast export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
@@ -57,39 +53,98 @@ def cmd_train(args) -> int:
     return run_train(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .train import add_train_args
+DESCRIPTION = "cosmos-fast: train, evaluate and export COSMOS CLIP models (CVPR 2025)."
 
-    p = argparse.ArgumentParser(prog="cosmos-fast", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="train the tiny model on synthetic scenes on CPU (default)")
-    d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("overrides", nargs="*", metavar="section.key=value")
+EPILOG = """\
+commands:
+  cosmos-fast demo [--output-dir DIR] [key=value ...]       the tiny model on synthetic scenes (CPU, minutes)
+  cosmos-fast train [--config PRESET_OR_YAML] [--output-dir DIR] [--resume DIR_OR_FILE] [key=value ...]
+  cosmos-fast train --print-config [--config PRESET_OR_YAML] [key=value ...]   the resolved config, no run
+  cosmos-fast eval --checkpoint PATH --retrieval-root DIR | --imagenet-val DIR | --sun397-root DIR
+  cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE   (the official single-file format)
+  cosmos-fast make-shards --captions CSV --images DIR --output-dir DIR   (webdataset + DALI index)
+  cosmos-fast make-demo-data --output-dir DIR [--n-train N] [--n-val N] [--seed S]
+
+'cosmos-fast COMMAND --help' describes a command's options."""
+
+# Eval data layouts (cosmos_fast/eval/datasets.py), appended to the eval epilog.
+EVAL_LAYOUTS = """\
+data layouts (ROOT = --retrieval-root):
+  coco, official split:   ROOT/coco/annotations/captions_val2017.json (COCO API) and
+                          ROOT/coco/images/val2017/<file_name>
+  coco, karpathy split:   ROOT/coco/annotations/coco_karpathy_test.json (list of {image, caption}; images
+                          ROOT/coco/images/<image>) or Karpathy's dataset_coco.json (split == "test")
+  flickr30k:              ROOT/flickr30k-images/flickr30k_val.json (official) or flickr30k_test.json
+                          (karpathy): a list of {image: "flickr30k-images/<id>.jpg", caption: [5 strings]}
+  imagenet (--imagenet-val DIR):  DIR/<wnid>/*.JPEG (or DIR/val_images/, DIR/data/val_images/); 1000
+                          class folders get open_clip's names, others need --imagenet-classnames FILE
+  sun397 (--sun397-root DIR):     DIR/SUN397/ClassName.txt and DIR/SUN397/<letter>/<class>[/<sub>]/*.jpg
+                          (torchvision's layout; DIR may be SUN397 itself; a seeded 19,850-image subset)"""
+
+# Commands whose options are defined in modules that import torch: (module, adder, one-line help).
+# Until one of them is the command being run, the parser holds a stub with the same help line.
+_LAZY = {
+    "eval": ("cosmos_fast.eval.cli", "add_eval_parser", "zero-shot retrieval / classification of a checkpoint"),
+    "make-shards": ("cosmos_fast.data.shards", "add_make_shards_parser",
+                    "write webdataset shards + DALI indexes from DreamLIP / PixelProse captions and images, "
+                    "or index existing shards"),
+}
+
+
+def _add_lazy(sub, name: str, full: bool) -> None:
+    import importlib
+
+    module, adder, help_ = _LAZY[name]
+    if not full:
+        sub.add_parser(name, help=help_, add_help=False)   # never parses: main() builds the full one
+        return
+    p = getattr(importlib.import_module(module), adder)(sub)
+    if name == "eval":
+        p.epilog = f"{p.epilog or ''}\n\n{EVAL_LAYOUTS}".lstrip()
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def build_parser(full: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The ``cosmos-fast`` parser. ``full`` names the torch-importing commands (``eval``,
+    ``make-shards``) to register with their options; the others get a stub (name and help only)."""
+    from .train import TRAIN_DESCRIPTION, TRAIN_EPILOG, add_train_args
+
+    p = argparse.ArgumentParser(prog="cosmos-fast", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser("demo", help="train the tiny model on synthetic scenes on CPU and report retrieval",
+                       description="Write a synthetic data set, train the tiny model with the tiny-cpu preset, "
+                                   "evaluate retrieval before and after, write metrics.json and demo.png.")
+    d.add_argument("--output-dir", default="runs/demo", help="run folder (data/, checkpoints, metrics.json, "
+                   "demo.png; default runs/demo)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the run (default 0)")
+    d.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides on top of the tiny-cpu preset (e.g. optim.epochs=8)")
     d.set_defaults(func=cmd_demo)
-    t = add_train_args(sub.add_parser("train", help="train from a preset or YAML config"))
+    t = add_train_args(sub.add_parser("train", help="train from a preset or YAML config",
+                                      description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     t.set_defaults(func=cmd_train)
+    _add_lazy(sub, "eval", "eval" in full)
     e = sub.add_parser("export", help="write a run's checkpoint as one official-format file")
-    e.add_argument("--checkpoint", required=True, help="run folder, DeepSpeed tag folder or checkpoint file")
-    e.add_argument("--output", required=True)
+    e.add_argument("--checkpoint", required=True,
+                   help="run folder or its checkpoints/ folder (the newest complete checkpoint), DeepSpeed tag "
+                        "folder or checkpoint file")
+    e.add_argument("--output", required=True, help="the single official-format .pt file to write")
     e.add_argument("--model-name", default=None, help="model config name when the checkpoint lacks it")
     e.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle the checkpoint in full: such a file can run arbitrary code, so only for files "
                         "you trust (default: only tensors, plain containers and a few known types are read)")
     e.set_defaults(func=cmd_export)
-    from .data.shards import add_make_shards_parser
-    from .eval.cli import add_eval_parser
-
-    add_eval_parser(sub)
-    add_make_shards_parser(sub)
-    m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards")
-    m.add_argument("--output-dir", default="runs/demo/data")
-    m.add_argument("--n-train", type=int, default=2048)
-    m.add_argument("--n-val", type=int, default=128)
-    m.add_argument("--samples-per-shard", type=int, default=256)
-    m.add_argument("--image-size", type=int, default=128)
-    m.add_argument("--seed", type=int, default=0)
+    _add_lazy(sub, "make-shards", "make-shards" in full)
+    m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards",
+                       description="Write the demo's synthetic scenes as webdataset shards (train-*.tar, val-*.tar).")
+    m.add_argument("--output-dir", default="runs/demo/data", help="where the shards go (default runs/demo/data)")
+    m.add_argument("--n-train", type=int, default=2048, help="training samples (default 2048)")
+    m.add_argument("--n-val", type=int, default=128, help="held-out retrieval samples (default 128)")
+    m.add_argument("--samples-per-shard", type=int, default=256, help="samples per tar (default 256)")
+    m.add_argument("--image-size", type=int, default=128, help="image side in px (default 128)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes and captions (default 0)")
     m.set_defaults(func=cmd_make_demo_data)
     return p
 
@@ -97,11 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cosmos_fast").setLevel(logging.INFO)   # third-party INFO chatter stays quiet
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("demo", "train", "eval", "export", "make-shards", "make-demo-data", "-h", "--help"):
-        argv = ["demo", *argv]
-    if argv and argv[0] in ("demo", "train"):
+    parser = build_parser(full=tuple(argv[:1]) if argv and argv[0] in _LAZY else ())
+    if not argv:                              # no command: say what there is (the demo is 'cosmos-fast demo')
+        parser.print_help()
+        return 0
+    if argv[0] in ("demo", "train"):
         from .train import parse_with_overrides
 
         args = parse_with_overrides(parser, argv)

@@ -98,6 +98,7 @@ class TrainSection:
     memory_check: bool = _f(True, "refuse at start a batch whose estimated activations exceed the device's free memory")
     auto_resume: bool = _f(True, "without --resume, continue from the newest complete checkpoint in OUTPUT")
     progress: bool = _f(True, "show a progress bar")
+    log_every_steps: int = _f(50, "write a progress line (loss, lr, samples/s, ETA) to train.log every N steps (0 = off)")
     tensorboard: bool = _f(True, "write TensorBoard scalars to OUTPUT/tb")
 
 
@@ -153,9 +154,29 @@ def _section_cls(name):
             "train": TrainSection, "distributed": DistributedSection, "eval": EvalSection}[name]
 
 
-def _suggest(word, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _initials(name: str) -> str:
+    return "".join(t[0] for t in name.lower().split("_") if t)
+
+
+def _suggest(word, options, list_all: bool = False) -> str:
+    """`` (did you mean 'x'?)`` for the closest option: by spelling (difflib), then as an abbreviation
+    (``learning_rate`` ↔ ``lr``: one name's initials spell the other), then by the one option sharing
+    the most ``_``-separated words. ``list_all``: without a match, list every option instead."""
+    word, options = str(word), [str(o) for o in options]
+    close = difflib.get_close_matches(word, options, n=1)
+    if not close:
+        w = word.lower()
+        close = [o for o in options if len(w) > 1 and len(o) > 1
+                 and ("_" in w and _initials(w) == o.lower() or "_" in o and _initials(o) == w)]
+    if not close:
+        words = {t for t in word.lower().split("_") if len(t) > 1}
+        shared = {o: len(words & set(o.lower().split("_"))) for o in options}
+        best = max(shared.values(), default=0)
+        tied = [o for o, n in shared.items() if n == best]
+        close = tied if best and len(tied) == 1 else []
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f"; known: {', '.join(options)}" if list_all else ""
 
 
 def _number(value, hint):
@@ -211,7 +232,7 @@ def _set(cfg: Config, dotted: str, value) -> None:
     cls = _section_cls(sec)
     hints = typing.get_type_hints(cls)
     if key not in hints:
-        raise ConfigError(f"unknown config field {dotted!r}{_suggest(key, hints)}")
+        raise ConfigError(f"unknown config field {dotted!r}{_suggest(key, hints, list_all=True)}")
     setattr(getattr(cfg, sec), key, _coerce(dotted, value, hints[key]))
 
 
@@ -280,15 +301,16 @@ def _choice(path, value, choices):
         raise ConfigError(f"config field {path} = {value!r} must be one of {list(choices)}")
 
 
-def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list[str]:
-    """Reject contradictory or impossible values; returns informational notes."""
+def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_files: bool = False) -> list[str]:
+    """Reject contradictory or impossible values; returns informational notes. ``check_files``: also
+    require every local shard of data.train_shards / data.val_shards to exist (the trainer's start)."""
     import torch
 
     from .data.captions import MODES, STRING_FIELD_POLICIES
     from .data.loader import WORKER_START_METHODS
     from .data.transforms import AUGMENT_IMPLS
     from .ops import CONTRASTIVE_IMPLS, CROSS_POOL_IMPLS
-    from .data.loader import check_pipe_urls, expand_shards
+    from .data.loader import check_pipe_urls, expand_shards, missing_local_shards
     from .model.config import resolve_model_config
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -349,7 +371,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
                             ("data.shuffle_buffer", d.shuffle_buffer, 1), ("data.shuffle_initial", d.shuffle_initial, 1),
                             ("optim.epochs", o.epochs, 1), ("optim.warmup", o.warmup, 0),
                             ("train.max_nonfinite", t.max_nonfinite, 1), ("train.save_every_steps", t.save_every_steps, 0),
-                            ("train.eval_every_steps", t.eval_every_steps, 0), ("data.eval_batch_size", d.eval_batch_size, 1)]:
+                            ("train.eval_every_steps", t.eval_every_steps, 0), ("train.log_every_steps", t.log_every_steps, 0), ("data.eval_batch_size", d.eval_batch_size, 1)]:
         if value < lo:
             raise ConfigError(f"config field {path} = {value} must be >= {lo}")
     if t.max_steps is not None and t.max_steps < 1:
@@ -376,15 +398,21 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> list
         raise ConfigError("config field data.train_shards is empty")
     n_shards = len(expand_shards(d.train_shards))
     for field_name, shards in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
+        urls = expand_shards(shards) if shards else []
         try:
-            check_pipe_urls(expand_shards(shards) if shards else [], d.allow_pipe, field_name)
+            check_pipe_urls(urls, d.allow_pipe, field_name)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        missing = missing_local_shards(urls) if check_files else []
+        if missing:
+            raise ConfigError(f"config field {field_name} = {shards!r} matches {len(urls) - len(missing)} of "
+                              f"{len(urls)} local files; missing: {', '.join(missing[:3])}"
+                              f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
     workers = max(1, d.num_workers)
     if not d.resampled and n_shards < workers * world_size:
         raise ConfigError(f"data.train_shards has {n_shards} shards but data.num_workers × world size = "
                           f"{workers} × {world_size} = {workers * world_size}: every worker needs a shard "
-                          f"(cosmos_method.md §7 item 15); lower data.num_workers or set data.resampled=true")
+                          f"(the official loader's rule); lower data.num_workers or set data.resampled=true")
     global_batch = d.batch_size * world_size
     if global_batch > d.train_num_samples:
         raise ConfigError(f"data.batch_size {d.batch_size} × world size {world_size} = {global_batch} is larger than "

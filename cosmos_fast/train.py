@@ -1,7 +1,9 @@
-"""``python -m cosmos_fast.train --config PRESET_OR_YAML --output-dir DIR [--resume DIR_OR_FILE] [key=value ...]``
+"""``python -m cosmos_fast.train [--config PRESET_OR_YAML] [--output-dir DIR] [--resume DIR_OR_FILE] [key=value ...]``
 
 Also reachable as ``cosmos-fast train``. Presets ship in ``cosmos_fast/configs`` (``--list-presets``);
-``--help-config`` prints every config key with its default and meaning.
+``--help-config`` prints every config key with its default and meaning, ``--print-config`` the
+resolved config of a preset plus overrides. Without flags: ``--config tiny-cpu --output-dir
+runs/train``, continuing that folder's newest complete checkpoint (``train.auto_resume``).
 """
 from __future__ import annotations
 
@@ -10,6 +12,18 @@ import logging
 import sys
 
 from .config import ConfigError, describe, list_presets, load_config
+
+
+TRAIN_DESCRIPTION = """\
+Train COSMOS from a preset or a YAML config. Without flags, 'cosmos-fast train' means
+'--config tiny-cpu --output-dir runs/train', and continues the newest complete checkpoint in the
+output folder if there is one (train.auto_resume)."""
+
+TRAIN_EPILOG = """\
+examples:
+  cosmos-fast train --config cc3m-vitb16 --output-dir runs/cc3m data.train_shards='/data/cc3m/{0000..0575}.tar'
+  cosmos-fast train --config cc3m-vitb16 --print-config optim.lr=1e-3     # the resolved YAML, no run
+  cosmos-fast train --help-config                                          # every config key"""
 
 
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -26,7 +40,10 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "for files you trust (default: only tensors and plain containers are read)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
-    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its built-in default and meaning, and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (--config plus overrides) as YAML and exit without training")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides (anywhere on the line; numbers as you write them, e.g. optim.lr=5e-4)")
     return p
@@ -43,14 +60,42 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv):
     return args
 
 
-def run_train(args) -> int:
+def config_help(rows=None) -> str:
+    """The ``--help-config`` table: key, built-in default, meaning; columns as wide as their longest entry."""
+    rows = describe() if rows is None else rows
+    wk = max(len("key"), *(len(k) for k, _, _ in rows))
+    wd = max(len("default"), *(len(d) for _, d, _ in rows))
+    lines = [f"{'key':{wk}s}  {'default':{wd}s}  meaning"]
+    lines += [f"{k:{wk}s}  {d:{wd}s}  {t}" for k, d, t in rows]
+    lines.append("(built-in defaults; a preset's values: --config PRESET --print-config)")
+    return "\n".join(lines)
+
+
+def _info(args) -> int | None:
+    """--list-presets, --help-config, --print-config: print and return the exit status; None otherwise."""
     if args.list_presets:
         print("\n".join(list_presets()))
         return 0
     if args.help_config:
-        for key, default, text in describe():
-            print(f"{key:32s} {default:14s} {text}")
+        print(config_help())
         return 0
+    if getattr(args, "print_config", False):
+        import yaml
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"cosmos-fast train: {e}", file=sys.stderr)
+            return 2
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    return None
+
+
+def run_train(args) -> int:
+    rc = _info(args)
+    if rc is not None:
+        return rc
     from .model.checkpoint import CheckpointMismatchError
     from .trainer import ConfigChangeError, NonFiniteLossError, Preempted, RunFolderError, Trainer
 
@@ -67,6 +112,12 @@ def run_train(args) -> int:
     except KeyboardInterrupt:
         print("cosmos-fast train: interrupted while starting", file=sys.stderr)
         return 130
+    if trainer.finished:                      # a finished run is not trained or evaluated again
+        log.info("%s already finished at step %d of %d: nothing to do (to train further raise train.max_steps, "
+                 "or optim.epochs with --allow-config-change; --overwrite starts anew)",
+                 args.output_dir, trainer.step, trainer.target_steps)
+        trainer.close()
+        return 0
     try:
         trainer.train()
         if cfg.data.val_shards:
@@ -92,7 +143,9 @@ def run_train(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cosmos_fast").setLevel(logging.INFO)   # third-party INFO chatter stays quiet
-    parser = add_train_args(argparse.ArgumentParser(prog="cosmos_fast.train", description=__doc__.split("\n\n")[0]))
+    parser = add_train_args(argparse.ArgumentParser(prog="python -m cosmos_fast.train", description=TRAIN_DESCRIPTION,
+                                                    epilog=TRAIN_EPILOG,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     return run_train(parse_with_overrides(parser, argv))
 
 

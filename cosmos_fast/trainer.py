@@ -116,6 +116,11 @@ def _local_values(p, rank: int) -> torch.Tensor:
     return part.detach().reshape(-1)[:valid]
 
 
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _inside(path, folder) -> bool:
     try:
         Path(path).resolve().relative_to(Path(folder).resolve())
@@ -161,7 +166,7 @@ class Trainer:
         else:
             self.rank, self.world, self.local_rank = 0, 1, 0
         self.is_main = self.rank == 0
-        self.notes = validate(cfg, self.world)
+        self.notes = validate(cfg, self.world, check_files=True)     # before anything is built or written
         self.out = Path(output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
@@ -353,7 +358,8 @@ class Trainer:
         except ImportError:
             log.warning("tensorboard is not installed; TensorBoard scalars are off")
             return None
-        return SummaryWriter(str(self.out / "tb"))
+        # a resumed run drops the events logged after its checkpoint, so curves are not drawn twice
+        return SummaryWriter(str(self.out / "tb"), purge_step=self.step or None)
 
     def _log_start(self):
         n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.student.parameters())
@@ -365,9 +371,22 @@ class Trainer:
                  mb["gradients"], mb["optimizer"], mb["teacher"], mb["total"])
         for note in self.notes:
             log.info(note)
-        log.info("device %s, precision %s, %d steps/epoch × %d epochs = %d steps (starting at step %d)",
-                 self.device, self.cfg.train.precision, self.steps_per_epoch, self.cfg.optim.epochs,
-                 self.total_steps, self.step)
+        mx = self.cfg.train.max_steps
+        stop = (f"; train.max_steps = {mx}: this run stops at step {self.target_steps}"
+                if mx is not None and mx < self.total_steps else "")
+        log.info("device %s, precision %s, %d steps/epoch × %d epochs = %d steps in the schedule%s "
+                 "(starting at step %d)", self.device, self.cfg.train.precision, self.steps_per_epoch,
+                 self.cfg.optim.epochs, self.total_steps, stop, self.step)
+
+    @property
+    def target_steps(self) -> int:
+        """The step this run stops at: the schedule's end, or train.max_steps if that comes first."""
+        mx = self.cfg.train.max_steps
+        return self.total_steps if mx is None else min(self.total_steps, mx)
+
+    @property
+    def finished(self) -> bool:
+        return self._done()
 
     # ------------------------------------------------------------------ step
     def train_step(self, batch) -> dict:
@@ -440,11 +459,12 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.cfg.train
-        target = min(self.total_steps, t.max_steps or self.total_steps)
+        target = self.target_steps
         bar = tqdm(total=target, initial=self.step, desc=t.name, unit="step", dynamic_ncols=True,
                    disable=not t.progress or not self.is_main)
         global_batch = self.cfg.data.batch_size * self.world
         last = {}
+        start_step, start_time = self.step, time.perf_counter()
         previous_handlers = self._install_stop_handlers()
         try:
             while not self._done():
@@ -459,6 +479,8 @@ class Trainer:
                     last = self._record(out, self._global_skips(batch["skipped"]),
                                         global_batch / max(now - tick, 1e-9))
                     tick = now
+                    if t.log_every_steps and self.step % t.log_every_steps == 0:
+                        self._log_progress(last, start_step, start_time)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", clip=f"{last['clip_loss']:.4f}",
                                     distill=f"{last['distill_loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}",
@@ -490,7 +512,21 @@ class Trainer:
                 signal.signal(signum, handler)
         if self._saved_step != self.step:
             self.save()
+        elapsed = time.perf_counter() - start_time
+        done = self.step - start_step
+        log.info("finished at step %d of %d: %d steps in %s (%.1f samples/s); checkpoint %s", self.step, target,
+                 done, _hms(elapsed), done * global_batch / max(elapsed, 1e-9), self._last_good)
         return last
+
+    def _log_progress(self, row: dict, start_step: int, start_time: float) -> None:
+        """One train.log line every train.log_every_steps steps (a batch job has no progress bar)."""
+        elapsed = time.perf_counter() - start_time
+        done = self.step - start_step
+        eta = elapsed / max(done, 1) * (self.target_steps - self.step)
+        log.info("step %d/%d (epoch %d): loss %.4f (clip %.4f, distill %.4f), lr %.3g, %.1f samples/s, "
+                 "skipped %d, ETA %s", self.step, self.target_steps, self.epoch + 1, row["loss"], row["clip_loss"],
+                 row["distill_loss"], row["lr"], row["samples_per_s"], sum(row["skipped_samples"].values()),
+                 _hms(eta))
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM and the first SIGINT (Ctrl-C) stop training at the next step boundary, after a
@@ -530,7 +566,7 @@ class Trainer:
         return total
 
     def _record(self, out: dict, skipped: dict, samples_per_s: float) -> dict:
-        row = {"step": self.step, "loss": float(out["loss"]), "clip_loss": float(out["clip_loss"]),
+        row = {"step": self.step, "epoch": self.epoch + 1, "time": round(time.time(), 3), "loss": float(out["loss"]), "clip_loss": float(out["clip_loss"]),
                "distill_loss": float(out["distill_loss"]), "lr": out["lr"], "momentum": out["momentum"],
                "logit_scale": float(out["logit_scale"]), "distill_logit_scale": float(out["distill_logit_scale"]),
                "samples_per_s": samples_per_s, "skipped_samples": dict(skipped),
@@ -651,6 +687,7 @@ class Trainer:
         self._saved_step = self.step
         if self.engine is not None:
             self._last_good = self._save_deepspeed()
+            log.info("checkpoint saved at step %d: %s", self.step, self._last_good)
             return self._last_good
         extra = {"optimizer": self.optimizer.state_dict(), "trainer": self.state_dict(),
                  "config": self.cfg.to_dict()}
@@ -662,6 +699,8 @@ class Trainer:
             save_checkpoint(self.ckpt_dir / f"epoch_{self.epoch}.pt", self.student, self.teacher,
                             epoch=self.epoch, name=self.cfg.train.name, **extra)
         self._last_good = path
+        log.info("checkpoint saved at step %d: %s%s", self.step, path,
+                 f" and epoch_{self.epoch}.pt" if epoch_file else "")
         return path
 
     def _save_deepspeed(self) -> Path:

@@ -230,6 +230,105 @@ def test_report_builds_readme_table_from_latest_csv(tmp_path):
     assert (tmp_path / "README.md").read_text().startswith("# Benchmark results")
 
 
+def _results_copy(dst: Path) -> Path:
+    """The committed inputs of bench_results/ (CSVs, manifest, scaling reports) without README or PNGs."""
+    import shutil
+
+    src = REPO / "bench_results"
+    for p in src.glob("*/*"):
+        if p.suffix == ".csv" or (p.suffix == ".md" and p.name != "README.md"):
+            (dst / p.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dst / p.parent.name / p.name)
+    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    return dst
+
+
+def test_report_reproduces_committed_readme_and_pngs(tmp_path):
+    """report.py on the committed CSVs and manifest rewrites bench_results/README.md and every
+    committed PNG byte for byte (so the committed results are what the script makes of them)."""
+    pytest.importorskip("matplotlib")
+    out = _results_copy(tmp_path)
+    assert report.main(["--results-dir", str(out)]) == 0
+    assert (out / "README.md").read_bytes() == (REPO / "bench_results" / "README.md").read_bytes()
+    committed = sorted(p.relative_to(REPO / "bench_results") for p in (REPO / "bench_results").glob("*/*.png"))
+    made = sorted(p.relative_to(out) for p in out.glob("*/*.png"))
+    assert committed and made == committed
+    for rel in committed:
+        assert (out / rel).read_bytes() == (REPO / "bench_results" / rel).read_bytes(), rel
+
+
+def test_report_shows_recorded_headline_not_newest_csv(tmp_path, capsys):
+    """A benchmark in the manifest shows its recorded run even when a newer smoke CSV exists; a
+    benchmark absent from it falls back to the newest CSV and says so; a missing headline fails."""
+    from benchmarks import harness
+
+    env = {"device": "cpu-x", "torch": "2", "triton": "3", "cuda": "none"}
+
+    def rows(commit, date, b):
+        return [{**env, "commit": commit, "date": date, "B": b, "mode": "fwd", "provider": p, "median_s": s,
+                 "speedup_vs_reference": 1.0 / s} for p, s in (("reference", 1.0), ("blockwise", 0.5))]
+
+    _write(tmp_path / "contrastive" / "cpu-x_2026-01-01_aaaaaaa.csv", rows("aaaaaaa", "2026-01-01", 2048))
+    _write(tmp_path / "contrastive" / "cpu-x_2026-02-01_bbbbbbb.csv", rows("bbbbbbb", "2026-02-01", 256))
+    _write(tmp_path / "cross_pool" / "cpu-x_2026-01-01_ccccccc.csv", rows("ccccccc", "2026-01-01", 8))
+    _write(tmp_path / "cross_pool" / "cpu-x_2026-02-01_ddddddd.csv", rows("ddddddd", "2026-02-01", 16))
+    harness.record(tmp_path / "contrastive" / "cpu-x_2026-01-01_aaaaaaa.csv")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["headline"] == {"contrastive": {"cpu-x": "contrastive/cpu-x_2026-01-01_aaaaaaa.csv"}}
+    text = report.build_readme(tmp_path, plots=False)
+    contrastive, cross_pool = text.split("## cross_pool")
+    assert "aaaaaaa" in contrastive and "| 2048 |" in contrastive and "bbbbbbb" not in contrastive
+    assert "No headline recorded" not in contrastive
+    assert "ddddddd" in cross_pool and "ccccccc" not in cross_pool and "No headline recorded" in cross_pool
+    assert "cross_pool has no headline" in capsys.readouterr().out
+    (tmp_path / "contrastive" / "cpu-x_2026-01-01_aaaaaaa.csv").unlink()
+    with pytest.raises(SystemExit, match="aaaaaaa.csv"):
+        report.build_readme(tmp_path, plots=False)
+
+
+def test_record_flag_writes_the_manifest(tmp_path, monkeypatch):
+    """A benchmark run with --record names its CSV in the manifest; a run without it leaves it alone."""
+    from benchmarks import bench_contrastive, harness
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    small = ["--sizes", "8", "--dim", "8", "--reps", "1", "--warmup", "0"]
+    bench_contrastive.main(small)
+    assert not (tmp_path / "manifest.json").exists()
+    bench_contrastive.main(small + ["--record"])
+    (csv_path,) = (tmp_path / "contrastive").glob("*.csv")
+    headline = json.loads((tmp_path / "manifest.json").read_text())["headline"]["contrastive"]
+    assert headline == {_read(csv_path)[0]["device"]: f"contrastive/{csv_path.name}"}
+
+
+def test_ratio_plot_colours_by_provider_without_reference_bars(tmp_path, monkeypatch):
+    """Speed-up panels: no 1× reference bars (a dashed line instead), one fixed colour per provider,
+    tick labels like "B=2048 fwd" without error values, the legend outside the axes, axis labels."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, png: figs.append(fig) or True)
+    env = {"device": "cpu-x", "torch": "2", "triton": "3", "cuda": "none", "commit": "aaaaaaa", "date": "2026-01-01"}
+    rows = [{**env, "B": b, "mode": m, "provider": p, "max_rel_err_vs_truth": 1.2192084594541e-07 if p != "reference"
+             else 0.0, "speedup_vs_reference": s, "memory_reduction_vs_reference": s}
+            for b in (1024, 2048) for m in ("fwd", "bwd")
+            for p, s in (("reference", 1.0), ("blockwise", 1.5), ("fused", 0.5))]
+    assert report.plot_ratio(rows, "contrastive", tmp_path / "x.png")
+    fig = figs[0]
+    fig.canvas.draw()
+    speed = fig.axes[0]
+    colours = [to_hex(b.get_facecolor()) for b in speed.patches]
+    assert len(colours) == 8                                           # 4 cases × 2 non-reference providers
+    assert colours.count(report.PROVIDER_COLORS["blockwise"]) == 4 and colours.count(report.PROVIDER_COLORS["fused"]) == 4
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == ["B=1024 fwd", "B=1024 bwd", "B=2048 fwd",
+                                                                     "B=2048 bwd"]
+    assert any(ln.get_linestyle() == "--" and list(ln.get_ydata()) == [1.0, 1.0] for ln in speed.get_lines())
+    for ax in fig.axes:
+        assert ax.get_ylabel() and ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    assert fig.axes[-1].get_xlabel()
+    assert "reference" in fig._suptitle.get_text() and "cpu-x" in fig._suptitle.get_text()
+
+
 # ----------------------------------------------------------------------------- GPU suite
 def test_gpu_suite_is_valid_bash_and_checks_dependencies_first(tmp_path):
     script = REPO / "benchmarks" / "gpu_suite.sh"

@@ -515,7 +515,7 @@ def test_add_eval_parser_wires_run_eval():
     args = parser.parse_args(["eval", "--checkpoint", "x.pt", "--imagenet-val", "d"])
     assert args.func is eval_cli.run_eval
     assert (args.model, args.retrieval_split, args.retrieval_sets, args.batch_size) == \
-        ("teacher", "official", "coco,flickr30k", 256)
+        ("teacher", "official", None, 256)           # None: every set whose annotation file exists
     assert eval_cli.resolve_model_config(None, "cosmos_vitb32_cc3m.pt") == ("ViT-B-32", "ViT-B-32")
     assert eval_cli.resolve_model_config(None, "cosmos_vitb16_cc3m.pt") == ("ViT-B-16", "ViT-B-16")
 

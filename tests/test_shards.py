@@ -5,6 +5,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -197,12 +198,39 @@ def test_pixelprose_csv_with_img2dataset_folder(tmp_path):
                                                           "It sits on a table"]
 
 
-def test_missing_column_is_an_error(tmp_path):
+@pytest.mark.parametrize("content,message", [
+    (b"Image Path,raw_caption\nx.jpg,hello\n", "missing column"),
+    (b"\xff\xfe\x00bad header\n", "not a readable UTF-8 CSV"),
+    (None, "is not a file"),
+], ids=["missing-column", "not-utf8", "absent"])
+def test_bad_table_is_one_line_error_and_writes_nothing(tmp_path, capsys, content, message):
+    """A CSV that cannot be used fails with exit 2 and one line naming the file; the output folder
+    (and its missing parent) is not created."""
     path = tmp_path / "bad.csv"
-    path.write_text("Image Path,raw_caption\nx.jpg,hello\n")
+    if content is not None:
+        path.write_bytes(content)
     (tmp_path / "images").mkdir()
-    with pytest.raises(SystemExit, match="missing column"):
-        main(["--captions", str(path), "--images", str(tmp_path / "images"), "--output-dir", str(tmp_path / "o")])
+    out = tmp_path / "new" / "o"
+    assert main(["--captions", str(path), "--images", str(tmp_path / "images"), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and str(path) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_line_mid_table_removes_the_new_folder_keeps_an_existing_one(dreamlip_csv, tmp_path, capsys):
+    """A CSV that breaks after rows were written: a folder this run created is removed; a folder that
+    existed keeps what it held."""
+    path, img_dir, _, _ = dreamlip_csv
+    lines = path.read_bytes().splitlines(keepends=True)
+    # past the reader's first decoded chunk, so good rows are written before the bad bytes are read
+    path.write_bytes(b"".join(lines + lines[1:2] * 300) + b"\xff\xfe broken line\n")
+    out = tmp_path / "o"
+    assert main(["--captions", str(path), "--images", str(img_dir), "--output-dir", str(out)]) == 2
+    assert re.search(r"captions\.csv line \d+: 'utf-8' codec", capsys.readouterr().err) and not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--captions", str(path), "--images", str(img_dir), "--output-dir", str(out)]) == 2
+    assert (out / "keep.txt").read_text() == "mine" and not list(out.glob("*.tmp"))
 
 
 def test_index_only_leaves_bad_samples_out(tmp_path, capsys):
@@ -277,7 +305,12 @@ def test_make_shards_exception_leaves_no_temp_tar(dreamlip_csv, tmp_path, monkey
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         shards.make_shards("dreamlip", out, captions=path, images=img_dir)
-    assert list(out.iterdir()) == []
+    assert not out.exists()                  # the folder this run created is gone with its temp tar
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        calls.clear()
+        shards.make_shards("dreamlip", out, captions=path, images=img_dir)
+    assert list(out.iterdir()) == []         # an existing folder stays, without the temp tar
 
 
 def test_shard_images_are_the_loaders_8_bit_images():

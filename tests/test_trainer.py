@@ -96,7 +96,7 @@ def test_twenty_steps_loss_falls(data, tmp_path):
     r = rows(tmp_path / "metrics.jsonl")
     assert [x["step"] for x in r] == list(range(1, 21))
     assert sum(x["loss"] for x in r[-4:]) / 4 < sum(x["loss"] for x in r[:4]) / 4 - 0.1
-    keys = {"step", "loss", "clip_loss", "distill_loss", "lr", "momentum", "logit_scale", "distill_logit_scale",
+    keys = {"step", "epoch", "time", "loss", "clip_loss", "distill_loss", "lr", "momentum", "logit_scale", "distill_logit_scale",
             "samples_per_s", "skipped_samples", "nonfinite_steps"}
     assert set(r[0]) == keys
     assert r[0]["lr"] == pytest.approx(cfg.optim.lr / 4) and r[0]["momentum"] == cfg.ema.momentum

@@ -51,6 +51,7 @@ import os
 import random
 import sys
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,6 +238,19 @@ class _Skips:
             log.warning("skipping sample %r in %s: %s%s", key, url, reason, f" ({detail})" if detail else "")
             if n == _LOG_PER_REASON:
                 log.warning("worker %d: further %r skips are counted but not logged", self.worker, reason)
+
+
+def missing_local_shards(urls) -> list[str]:
+    """The local shard paths (plain or ``file:``) among ``urls`` that are not files; URLs with a
+    scheme (``pipe:``, ``http://``, ``s3://``, ...) are left to the reader."""
+    missing = []
+    for url in urls:
+        path = url[len("file:"):] if url.startswith("file:") else url
+        if ":" in path.split("/")[0] or path.startswith("pipe:"):
+            continue
+        if not Path(path).is_file():
+            missing.append(url)
+    return missing
 
 
 def local_tar_problem(url: str) -> str | None:

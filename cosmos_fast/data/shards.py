@@ -1,6 +1,6 @@
 """Webdataset shard writer and validated DALI index files (``cosmos-fast make-shards``).
 
-Sources (cosmos_method.md §4.1):
+Sources:
 
 * ``--source dreamlip``: a DreamLIP caption CSV (column ``Image Path`` plus the seven caption columns
   ``raw_caption``, ``shortIB_captions``, ``longIB_captions``, ``shortSV_captions``,
@@ -9,7 +9,7 @@ Sources (cosmos_method.md §4.1):
   with ``--save_additional_columns`` of those columns (``--img2dataset 'dl/{00000..00099}.tar'``:
   ``{key}.jpg`` + ``{key}.json`` holding the seven strings). Every caption string becomes a list of
   sentences by FLAIR's rule (split on newline, ``</s>`` or ``.``; blank pieces dropped), so the
-  sampler never draws characters (§7 item 13).
+  sampler never draws characters.
 * ``--source pixelprose``: PixelProse records (CSV, or parquet when pyarrow is installed) with the
   image URL (``url``), ``original_caption`` and the long VLM caption (``vlm_caption`` on Hugging
   Face, or ``caption``), stored as ``original_caption`` and ``caption`` strings (the loader splits the
@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -340,28 +341,44 @@ class FolderImages:
         return self._by_name.get(name)
 
 
+class InputError(ValueError):
+    """A caption table that cannot be used (absent, unreadable, or missing a column): nothing is written."""
+
+
 def _read_table(path) -> tuple[list[str], object]:
-    """(columns, iterator of row dicts) from a CSV or a parquet file."""
+    """(columns, iterator of row dicts) from a CSV or a parquet file; the header is read here, so an
+    absent, unreadable or malformed file fails (:class:`InputError`) before any output exists."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--captions {path} is not a file")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
-        except ImportError as e:
-            raise SystemExit(f"reading {path} needs pyarrow (pip install pyarrow), or pass a CSV") from e
-        pf = pq.ParquetFile(path)
+        except ImportError:
+            raise InputError(f"reading {path} needs pyarrow (pip install pyarrow), or pass a CSV") from None
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:                # pyarrow raises its own types for a broken file
+            raise InputError(f"--captions {path} is not a readable parquet file: {e}") from None
         cols = pf.schema_arrow.names
 
         def rows():
             for batch in pf.iter_batches():
                 yield from batch.to_pylist()
         return cols, rows()
-    fh = open(path, newline="", encoding="utf-8")
-    reader = csv.DictReader(fh)
-    cols = list(reader.fieldnames or [])
+    try:
+        fh = open(path, newline="", encoding="utf-8")
+        reader = csv.DictReader(fh)
+        cols = list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"--captions {path} is not a readable UTF-8 CSV: {e}") from None
 
     def rows():
         with fh:
-            yield from reader
+            try:
+                yield from reader
+            except (UnicodeDecodeError, csv.Error) as e:     # a bad line further down: the run fails
+                raise InputError(f"--captions {path} line {reader.line_num}: {e}") from None
     return cols, rows()
 
 
@@ -390,6 +407,7 @@ def pixelprose_record(row: dict) -> dict:
 
 
 def _rows_from_table(source: str, path, images: FolderImages, image_column: str | None):
+    """Check the table's columns now; return the generator of (key, image bytes, record, skip reason)."""
     cols, rows = _read_table(path)
     if source == "dreamlip":
         col = image_column or DREAMLIP_IMAGE_COLUMN
@@ -400,7 +418,12 @@ def _rows_from_table(source: str, path, images: FolderImages, image_column: str 
         if not any(c in cols for c in PIXELPROSE_CAPTION_COLUMNS):
             missing.append(" or ".join(PIXELPROSE_CAPTION_COLUMNS))
     if missing:
-        raise SystemExit(f"{path}: missing column(s) {missing}; found {cols}")
+        rows.close()
+        raise InputError(f"--captions {path}: missing column(s) {missing}; found {cols}")
+    return _table_samples(source, rows, col, images)
+
+
+def _table_samples(source: str, rows, col: str, images: FolderImages):
     for i, row in enumerate(rows):
         key = f"{i:09d}"
         ref = row.get(col) or ""
@@ -484,6 +507,7 @@ def make_shards(source: str, out_dir, captions=None, images=None, img2dataset=No
         rows = _rows_from_table(source, captions, FolderImages(images), image_column)
     else:
         raise ValueError("give --captions FILE with --images DIR, or --img2dataset SHARDS")
+    created = _new_dirs(out_dir)
     writer = ShardWriter(out_dir, prefix, shard_size, max_per_shard)
     skipped, seen, bad = Counter(), set(), []
     mode = "textcrop" if source == "dreamlip" else "textcrop_pixelprose"
@@ -505,6 +529,8 @@ def make_shards(source: str, out_dir, captions=None, images=None, img2dataset=No
         shards = writer.close()
     except BaseException:
         writer.abort()
+        for d in created:                     # folders this run made, deepest first; never an existing one
+            shutil.rmtree(d, ignore_errors=True)
         raise
     n = len(shards)
     pattern = (str(Path(out_dir) / f"{prefix}-{{000000..{n - 1:06d}}}.tar") if n > 1
@@ -516,6 +542,12 @@ def make_shards(source: str, out_dir, captions=None, images=None, img2dataset=No
                "digest": hashlib.sha1("".join(sorted(seen)).encode()).hexdigest()}
     (Path(out_dir) / f"{prefix}-manifest.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _new_dirs(out_dir) -> list[Path]:
+    """The folders of ``out_dir``'s path that do not exist yet, deepest first."""
+    out = Path(out_dir).absolute()
+    return [d for d in (out, *out.parents) if not d.exists()]
 
 
 def index_shards(pattern, validate: bool = True, caption_mode: str = "auto") -> dict:
@@ -542,11 +574,33 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
 
 
+DESCRIPTION = "Write webdataset shards and validated DALI index files, or index existing shards."
+
+EPILOG = f"""\
+inputs:
+  --source dreamlip --captions CSV --images DIR
+      a CSV with the columns '{DREAMLIP_IMAGE_COLUMN}' (image path, absolute or relative to DIR, or URL) and
+      {', '.join(DREAMLIP_FIELDS)}
+      (each a string of sentences; split on newline, '</s>' or '.')
+  --source pixelprose --captions CSV_OR_PARQUET --images DIR
+      columns 'url' (or 'image_url', '{DREAMLIP_IMAGE_COLUMN}'), 'original_caption' and 'vlm_caption' (or 'caption')
+  --img2dataset 'dl/{{00000..00099}}.tar'
+      img2dataset webdataset output made with --save_additional_columns of those columns
+  --image-column NAME overrides the image column. Images are found by path, then by the url in
+  img2dataset {{key}}.json sidecars, then by file name.
+
+output (in --output-dir):
+  PREFIX-NNNNNN.tar (samples {{key}}.jpg|png|webp + {{key}}.json), PREFIX-NNNNNN.idx (DALI index),
+  PREFIX-NNNNNN.idx.json (report), PREFIX-manifest.json. Unusable records are skipped and counted by
+  reason. A missing column or unreadable table is an error (exit 2) and writes nothing."""
+
+
 def add_make_shards_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``make-shards`` on an argparse sub-parser collection."""
     p = subparsers.add_parser("make-shards", help="write webdataset shards + DALI indexes from DreamLIP / "
                               "PixelProse captions and images, or index existing shards",
-                              description=__doc__.split("\n\n")[0])
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_make_shards_args(p)
     p.set_defaults(func=run_make_shards)
     return p
@@ -578,14 +632,14 @@ def run_make_shards(args) -> int:
             print(f"  {b}")
         return 0
     if not args.output_dir:
-        print("make-shards: --output-dir is required", file=sys.stderr)
+        print("cosmos-fast make-shards: --output-dir is required", file=sys.stderr)
         return 2
     try:
         res = make_shards(args.source, args.output_dir, captions=args.captions, images=args.images,
                           img2dataset=args.img2dataset, prefix=args.prefix, shard_size=args.shard_size,
                           max_per_shard=args.max_per_shard, image_column=args.image_column)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"make-shards: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:      # InputError is a ValueError; FileNotFoundError an OSError
+        print(f"cosmos-fast make-shards: {e}", file=sys.stderr)
         return 2
     print(f"written {res['written']} records in {res['shards']} shard(s): {res['pattern']}")
     print(f"skipped {sum(res['skipped'].values())}: {_fmt(res['skipped'])}")
@@ -599,7 +653,8 @@ def _fmt(counts: dict) -> str:
 def main(argv=None) -> int:
     """``python -m cosmos_fast.data.shards ...`` (the same arguments as ``cosmos-fast make-shards``)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="cosmos-fast make-shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cosmos-fast make-shards", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_make_shards_args(p)
     return run_make_shards(p.parse_args(argv))
 

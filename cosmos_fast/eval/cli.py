@@ -1,7 +1,8 @@
 """``cosmos-fast eval``: zero-shot evaluation of a checkpoint (ours or an official release).
 
-    cosmos-fast eval --checkpoint PATH [--model teacher|student|both] [--model-config ViT-B-16|tiny|cfg.json]
+    cosmos-fast eval --checkpoint FILE_OR_RUN [--model teacher|student|both] [--model-config ViT-B-16|tiny|cfg.json]
                      [--retrieval-root DIR [--retrieval-sets coco,flickr30k] [--retrieval-split official|karpathy]]
+                     [--val-shards PATTERN]
                      [--imagenet-val DIR [--imagenet-classnames FILE]] [--sun397-root DIR [--sun397-seed S]]
                      [--batch-size N] [--num-workers N] [--device auto|cpu|cuda:N] [--precision fp32|amp_bf16|amp_fp16]
                      [--output results.json] [--trust-checkpoint]
@@ -12,9 +13,14 @@ allows and read from the local hub cache otherwise (``HF_HUB_OFFLINE=1`` reads o
 ``HF_HUB_CACHE`` / ``HF_HOME`` locate it). ``--model`` defaults to the teacher (the EMA model, which
 the official segmentation evaluation uses); ``both`` evaluates student and teacher on one pass over
 the data, as the official ``main.py`` does. A file holding a single model is evaluated once, under
-the name ``model``. ``--model-config`` defaults to ViT-B-32 when the file name says ``vitb32`` and to
-ViT-B-16 otherwise. Only tensors, plain containers and a few known types are unpickled: a file that
-holds other objects is refused (exit 2) unless ``--trust-checkpoint`` says its code may run.
+the name ``model``. ``--checkpoint`` also takes a run folder or its ``checkpoints/`` folder (the
+newest complete checkpoint, as ``export``) or a DeepSpeed tag folder. ``--model-config`` defaults to
+the model the checkpoint records (our runs do), else to ViT-B-32 when the file name says ``vitb32``
+and to ViT-B-16 otherwise. Without ``--retrieval-sets`` the retrieval sets whose annotation file is
+absent are skipped with a warning; a set named there must exist. ``--val-shards`` evaluates the
+held-out webdataset shards training evaluates (``data.val_shards``). Only tensors, plain
+containers and a few known types are unpickled: a file that holds other objects is refused (exit 2)
+unless ``--trust-checkpoint`` says its code may run.
 
 The JSON written with ``--output``: ``{model, model_config, checkpoint, source, huggingface, epoch,
 run_name, image_size, split, datasets: {name: {metrics..., n_images, n_texts | n_classes, ...}}}``;
@@ -87,14 +93,18 @@ def resolve_checkpoint(checkpoint=None, repo_id: str | None = None, filename: st
         return path, {"repo": repo_id, "file": filename, "revision": revision}
     if not checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint PATH or --huggingface-repo-name/--huggingface-model-name")
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return path, None
+    from ..export import find_checkpoint
+
+    return find_checkpoint(checkpoint), None
 
 
-def resolve_model_config(value, checkpoint_name: str = ""):
-    """(config for ``create_model``, label): a model name, or a JSON file holding a config dict."""
+def resolve_model_config(value, checkpoint_name: str = "", recorded: str | None = None):
+    """(config for ``create_model``, label): a model name, or a JSON file holding a config dict.
+
+    ``None`` takes the model the checkpoint records (``recorded``), else guesses from the file name
+    (official releases record nothing): ViT-B-32 when it says ``vitb32``, ViT-B-16 otherwise."""
+    if value is None and recorded is not None:
+        value = recorded
     if value is None:
         low = checkpoint_name.lower().replace("-", "").replace("_", "")
         value = "ViT-B-32" if "vitb32" in low else "ViT-B-16"
@@ -114,18 +124,34 @@ def resolve_model_config(value, checkpoint_name: str = ""):
     return value, value
 
 
+def read_checkpoint(path, weights: Sequence[str] = ("teacher",), *, trust: bool = False):
+    """The checkpoint body: a file's contents, or a DeepSpeed tag folder's ``teacher.pt`` plus (only
+    when ``weights`` asks for it) the student consolidated from the ZeRO partitions."""
+    from ..export import read_deepspeed
+    from ..model.checkpoint import torch_load
+
+    path = Path(path)
+    if path.is_dir():
+        return read_deepspeed(path, trust=trust, student="student" in weights)
+    return torch_load(path, trust=trust)
+
+
 def load_models(path, model_config, weights: Sequence[str] = ("teacher",), device="cpu", *,
-                trust: bool = False) -> tuple[dict, dict]:
+                trust: bool = False, body=None) -> tuple[dict, dict]:
     """Build and load ``weights`` ("student" / "teacher") from one read of the file.
 
     A file holding one model (bare state dict, or ``state_dict`` without ``ema_state_dict``) yields a
     single entry ``"model"``. Returns ``({name: model in eval mode}, {"epoch", "run_name"})``.
     ``trust=True`` allows full unpickling, which can run code from the file (``--trust-checkpoint``).
+    ``body`` is the file already read with :func:`read_checkpoint`. Weights that do not fit the model
+    raise CheckpointMismatchError ending with the ``--model-config`` to pass.
     """
+    from ..export import check_against, recorded_model
     from ..model import create_model
-    from ..model.checkpoint import check_state_dict, select_state_dict, strip_prefix, torch_load
+    from ..model.checkpoint import select_state_dict, strip_prefix
 
-    obj = torch_load(path, trust=trust)
+    obj = read_checkpoint(path, weights, trust=trust) if body is None else body
+    recorded = recorded_model(obj)
     two = isinstance(obj, Mapping) and (any(k in obj for k in ("student", "teacher"))
                                         or {"state_dict", "ema_state_dict"} <= set(obj))
     models = {}
@@ -134,7 +160,7 @@ def load_models(path, model_config, weights: Sequence[str] = ("teacher",), devic
             raise ValueError(f"unknown weights {w!r}; choose student or teacher")
         sd = strip_prefix(select_state_dict(obj, w if two else None, path))
         model = create_model(model_config)
-        check_state_dict(model, sd, path)
+        check_against(model, sd, path, recorded, model_config, "--model-config")
         model.load_state_dict(sd, strict=True)
         models[w] = model.to(device).eval()
     meta = {}
@@ -142,6 +168,13 @@ def load_models(path, model_config, weights: Sequence[str] = ("teacher",), devic
         meta = {"epoch": obj.get("epoch") if isinstance(obj.get("epoch"), int) else None,
                 "run_name": obj.get("name") if isinstance(obj.get("name"), str) else None}
     return models, meta
+
+
+def default_num_workers(cap: int = 8) -> int:
+    """The CPU cores this process may use (its affinity mask where the OS has one), at most ``cap``:
+    more image-decoding workers than cores only add contention (and PyTorch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores))
 
 
 def _device(name: str) -> torch.device:
@@ -161,21 +194,27 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     ``eval_kwargs`` go to :func:`cosmos_fast.eval.evaluate.evaluate_models` (retrieval_root,
     retrieval_sets, split, imagenet_val, imagenet_classnames, sun397_root, batch_size, ...).
     """
+    from ..export import recorded_model
     from .evaluate import evaluate_models, load_eval_sets
 
     if model not in WEIGHTS:
         raise ValueError(f"--model must be one of {WEIGHTS}, got {model!r}")
     split = eval_kwargs.get("split", "official")
     data_keys = ("retrieval_root", "retrieval_sets", "split", "imagenet_val", "imagenet_classnames", "sun397_root",
-                 "sun397_seed")
+                 "sun397_seed", "val_shards")
     # annotation errors surface before a (1.2 GB) checkpoint is read
     sets = load_eval_sets(**{k: eval_kwargs.pop(k) for k in data_keys if k in eval_kwargs})
     path, hf = resolve_checkpoint(checkpoint, huggingface_repo, huggingface_file, huggingface_revision)
-    cfg, label = resolve_model_config(model_config, path.name)
-    dev = _device(device) if isinstance(device, str) else torch.device(device)
     weights = ("student", "teacher") if model == "both" else (model,)
-    models, meta = load_models(path, cfg, weights, dev, trust=trust_checkpoint)
-    image_size = eval_kwargs.get("image_size") or next(iter(models.values())).cfg.vision_cfg.image_size
+    body = read_checkpoint(path, weights, trust=trust_checkpoint)
+    cfg, label = resolve_model_config(model_config, path.name, recorded_model(body))
+    dev = _device(device) if isinstance(device, str) else torch.device(device)
+    models, meta = load_models(path, cfg, weights, dev, trust=trust_checkpoint, body=body)
+    # the resolution the run trained and evaluated at (data.global_size), else the model's
+    run_size = ((body.get("config") or {}).get("data") or {}).get("global_size") if isinstance(body, Mapping) else None
+    image_size = eval_kwargs.get("image_size") or (run_size if isinstance(run_size, int) else None) \
+        or next(iter(models.values())).cfg.vision_cfg.image_size
+    eval_kwargs["image_size"] = image_size
     results = evaluate_models(models, device=dev, distributed=False, sets=sets, **eval_kwargs)
     report = {"model": "model" if "model" in models else model, "model_config": label,
               "checkpoint": str(path.resolve()), "source": "huggingface" if hf else "local", "huggingface": hf,
@@ -190,21 +229,27 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
 # ---------------------------------------------------------------------------------------- parser
 def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_argument_group("checkpoint")
-    src.add_argument("--checkpoint", help="checkpoint file (official format, ours, or a bare state dict)")
+    src.add_argument("--checkpoint", help="checkpoint file (official format, ours, or a bare state dict), or a run "
+                                          "folder / its checkpoints/ folder (the newest complete checkpoint)")
     src.add_argument("--huggingface-repo-name", metavar="REPO", help="e.g. sankim2/cosmos")
     src.add_argument("--huggingface-model-name", metavar="FILE", help="e.g. cosmos_vitb16_cc3m.pt")
     src.add_argument("--huggingface-revision", metavar="REV", help="branch, tag or commit (default main)")
     src.add_argument("--model", choices=WEIGHTS, default="teacher",
                      help="weights to evaluate (default teacher; both = student and teacher, as main.py)")
     src.add_argument("--model-config", metavar="NAME_OR_JSON",
-                     help="ViT-B-16, ViT-B-32, tiny or a JSON config file (default: from the file name, else ViT-B-16)")
+                     help="ViT-B-16, ViT-B-32, tiny or a JSON config file (default: the model the checkpoint records; "
+                          "for a file that records none, ViT-B-32 if its name says vitb32, else ViT-B-16)")
     src.add_argument("--trust-checkpoint", action="store_true",
                      help="unpickle the checkpoint in full: such a file can run arbitrary code, so only for files you "
                           "trust (default: only tensors, plain containers and a few known types are read)")
     data = p.add_argument_group("data")
     data.add_argument("--retrieval-root", metavar="DIR", help="folder holding coco/ and flickr30k-images/")
-    data.add_argument("--retrieval-sets", default=",".join(RETRIEVAL_SETS),
-                      help="comma-separated (default %(default)s)")
+    data.add_argument("--retrieval-sets", default=None,
+                      help=f"comma-separated, from {','.join(RETRIEVAL_SETS)}; each must exist (default: those whose "
+                           f"annotation file is under --retrieval-root; the others are skipped with a warning)")
+    data.add_argument("--val-shards", metavar="PATTERN",
+                      help="held-out webdataset shards, as training's data.val_shards (brace pattern, json field "
+                           "retrieval_captions), evaluated as the set 'val_shards'")
     data.add_argument("--retrieval-split", choices=SPLITS, default="official",
                       help="official = COCO val2017 + Flickr30k val (published numbers); karpathy = 5k/1k test")
     data.add_argument("--imagenet-val", metavar="DIR", help="ImageFolder of <wnid>/*.JPEG (imagenet/data/val_images)")
@@ -213,10 +258,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--sun397-root", metavar="DIR", help="torchvision SUN397 layout (SUN397/ClassName.txt)")
     data.add_argument("--sun397-seed", type=int, default=0, help="seed of the documented SUN397 test subset")
     run = p.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=256)
-    run.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes")
+    run.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    run.add_argument("--num-workers", type=int, default=default_num_workers(),
+                     help="image-decoding worker processes (default: the cores available, at most 8: %(default)s)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    run.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                     help="fp32, or autocast in bf16 / fp16 (default fp32)")
     run.add_argument("--image-size", type=int, help="evaluation resolution (default: the model's)")
     run.add_argument("--output", metavar="JSON", help="write the results here")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -240,9 +287,12 @@ def run_eval(args) -> int:
     if args.batch_size < 1 or args.num_workers < 0:
         print("cosmos-fast eval: error: --batch-size must be >= 1 and --num-workers >= 0", file=sys.stderr)
         return 2
-    if not (args.retrieval_root or args.imagenet_val or args.sun397_root):
-        print("cosmos-fast eval: error: nothing to evaluate; pass --retrieval-root, --imagenet-val and/or "
-              "--sun397-root", file=sys.stderr)
+    if not (args.retrieval_root or args.val_shards or args.imagenet_val or args.sun397_root):
+        print("cosmos-fast eval: error: nothing to evaluate; pass --retrieval-root, --val-shards, --imagenet-val "
+              "and/or --sun397-root", file=sys.stderr)
+        return 2
+    if args.retrieval_sets is not None and not args.retrieval_root:
+        print("cosmos-fast eval: error: --retrieval-sets needs --retrieval-root", file=sys.stderr)
         return 2
     try:
         report = evaluate_checkpoint(
@@ -252,7 +302,8 @@ def run_eval(args) -> int:
             trust_checkpoint=args.trust_checkpoint,
             retrieval_root=args.retrieval_root, retrieval_sets=args.retrieval_sets, split=args.retrieval_split,
             imagenet_val=args.imagenet_val, imagenet_classnames=args.imagenet_classnames,
-            sun397_root=args.sun397_root, sun397_seed=args.sun397_seed, batch_size=args.batch_size,
+            sun397_root=args.sun397_root, sun397_seed=args.sun397_seed, val_shards=args.val_shards,
+            batch_size=args.batch_size,
             num_workers=args.num_workers, image_size=args.image_size, autocast_dtype=PRECISIONS[args.precision],
             progress=not args.no_progress)
     except (FileNotFoundError, ValueError, KeyError, TypeError, CheckpointSourceError,

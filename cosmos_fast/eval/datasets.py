@@ -32,8 +32,12 @@ Classification:
   (``/a/apartment_building/outdoor`` → ``apartment building outdoor``); the templates are CLIP's two
   SUN397 templates. Both differ possibly from the official ``label.json`` / ``templates.json``.
 
+Held-out webdataset shards (``data.val_shards``, what training evaluates) are read by
+:func:`load_shard_retrieval_set`.
+
 Every reader fails with :class:`AnnotationError` (a ``ValueError``) naming the file and the field
-that is malformed, or ``FileNotFoundError`` naming the missing file.
+that is malformed, or ``FileNotFoundError`` naming the missing file (:class:`MissingAnnotationError`
+when the annotation file itself is absent).
 """
 from __future__ import annotations
 
@@ -104,16 +108,27 @@ class ClassificationSet:
                 "n_classes": len(self.classnames), "n_templates": len(self.templates)}
 
 
-class ImageListDataset(Dataset):
-    """Images read from paths with PIL (converted to RGB) and passed through ``transform``."""
+class MissingAnnotationError(FileNotFoundError):
+    """A data set's annotation file is absent: the set is not there (a default set is then skipped)."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable):
+    def __init__(self, path, message: str):
+        self.path = Path(path)
+        super().__init__(message)
+
+
+class ImageListDataset(Dataset):
+    """Images read from paths with PIL (converted to RGB), or already decoded PIL images (held-out
+    shards), passed through ``transform``."""
+
+    def __init__(self, paths: Sequence, transform: Callable):
         self.paths, self.transform = list(paths), transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        if isinstance(self.paths[i], Image.Image):
+            return self.transform(self.paths[i].convert("RGB"))
         with Image.open(self.paths[i]) as img:
             return self.transform(img.convert("RGB"))
 
@@ -121,7 +136,7 @@ class ImageListDataset(Dataset):
 # --------------------------------------------------------------------------- helpers
 def _read_json(path: Path, what: str):
     if not path.is_file():
-        raise FileNotFoundError(f"{what} annotation file {path} not found")
+        raise MissingAnnotationError(path, f"{what} annotation file {path} not found")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -220,7 +235,7 @@ def _coco_karpathy(root: Path) -> RetrievalSet:
     if blip.is_file():
         return _grouped("coco", "karpathy", blip, _image_caption_list(blip, _read_json(blip, "COCO"), image_dir))
     if not karpathy.is_file():
-        raise FileNotFoundError(f"COCO Karpathy test split: neither {blip} nor {karpathy} exists")
+        raise MissingAnnotationError(karpathy, f"COCO Karpathy test split: neither {blip} nor {karpathy} exists")
     data = _read_json(karpathy, "COCO")
     entries = _field(karpathy, data, "images", "the top level", list)
 
@@ -258,6 +273,25 @@ def load_retrieval_set(name: str, root, split: str = "official") -> RetrievalSet
     if name == "flickr30k":
         return _flickr30k(root, split)
     raise ValueError(f"unknown retrieval set {name!r}; choose from {RETRIEVAL_SETS}")
+
+
+def load_shard_retrieval_set(pattern: str) -> RetrievalSet:
+    """The held-out webdataset shards training evaluates (``data.val_shards``: a brace pattern, ``::``
+    joins sources; json field ``retrieval_captions``), decoded into memory as a set named
+    ``val_shards``. Local shards are checked to exist first: one error naming the pattern and how many
+    of its files exist."""
+    from ..data.loader import expand_shards, missing_local_shards
+    from .retrieval import load_retrieval_shards
+
+    urls = expand_shards(pattern)
+    missing = missing_local_shards(urls)
+    if missing:
+        raise FileNotFoundError(f"--val-shards {pattern!r}: {len(urls) - len(missing)} of {len(urls)} shard files "
+                                f"exist (first missing: {missing[0]})")
+    images, captions, owner = load_retrieval_shards(urls)
+    if not captions:
+        raise ValueError(f"--val-shards {pattern!r}: the shards hold no readable sample")
+    return RetrievalSet("val_shards", "held-out", Path(pattern), images, captions, owner.long())
 
 
 # --------------------------------------------------------------------------- classification

@@ -14,6 +14,7 @@ for :func:`evaluate_models`, ``{dataset: {...}}`` for :func:`evaluate_model`. Re
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,11 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.loader import worker_loader_kwargs
-from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, RetrievalSet, load_imagenet,
-                       load_retrieval_set, load_sun397)
+from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, MissingAnnotationError, RetrievalSet,
+                       load_imagenet, load_retrieval_set, load_shard_retrieval_set, load_sun397)
 from .distributed import Shards, autocast, gathered_parameters, unwrap
 from .retrieval import retrieval_metrics
 from .zeroshot import build_classifiers, classification_metrics
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -79,25 +82,47 @@ def _encode_texts(models, captions, tokenizer, shards: Shards, *, batch_size, de
     return {name: shards.gather(torch.cat(p), len(captions)) for name, p in parts.items()}
 
 
-def load_eval_sets(*, retrieval_root=None, retrieval_sets: Sequence[str] = RETRIEVAL_SETS, split: str = "official",
-                   imagenet_val=None, imagenet_classnames=None, sun397_root=None, sun397_seed: int = 0) -> list:
-    """Read (and check) every requested annotation file before anything is encoded."""
+def load_eval_sets(*, retrieval_root=None, retrieval_sets: Sequence[str] | str | None = None, split: str = "official",
+                   imagenet_val=None, imagenet_classnames=None, sun397_root=None, sun397_seed: int = 0,
+                   val_shards: str | None = None) -> list:
+    """Read (and check) every requested annotation file before anything is encoded.
+
+    ``retrieval_sets=None`` means every set in :data:`RETRIEVAL_SETS` whose annotation file exists
+    under ``retrieval_root``; the absent ones are logged as skipped (a root without any is an error).
+    A set named explicitly must exist. ``val_shards`` adds the held-out webdataset shards."""
     sets = []
     if retrieval_root is not None:
         if isinstance(retrieval_sets, str):
-            retrieval_sets = [s for s in retrieval_sets.split(",") if s]
-        sets += [load_retrieval_set(name, retrieval_root, split) for name in retrieval_sets]
+            retrieval_sets = [s.strip() for s in retrieval_sets.split(",") if s.strip()]
+        if retrieval_sets is None:
+            found, skipped = [], []
+            for name in RETRIEVAL_SETS:
+                try:
+                    found.append(load_retrieval_set(name, retrieval_root, split))
+                except MissingAnnotationError as e:
+                    skipped.append(f"{name} ({e})")
+            for why in skipped:
+                log.warning("skipping retrieval set %s", why)
+            if not found:
+                raise FileNotFoundError(f"retrieval root {retrieval_root} holds none of the {split} retrieval sets: "
+                                        + "; ".join(skipped))
+            sets += found
+        else:
+            sets += [load_retrieval_set(name, retrieval_root, split) for name in retrieval_sets]
+    if val_shards:
+        sets.append(load_shard_retrieval_set(val_shards))
     if imagenet_val is not None:
         sets.append(load_imagenet(imagenet_val, imagenet_classnames))
     if sun397_root is not None:
         sets.append(load_sun397(sun397_root, seed=sun397_seed))
     if not sets:
-        raise ValueError("nothing to evaluate: give a retrieval root, an ImageNet folder or a SUN397 root")
+        raise ValueError("nothing to evaluate: give a retrieval root, held-out shards, an ImageNet folder or a "
+                         "SUN397 root")
     return sets
 
 
 def evaluate_models(models: Mapping[str, nn.Module], *, retrieval_root=None,
-                    retrieval_sets: Sequence[str] = RETRIEVAL_SETS, split: str = "official", imagenet_val=None,
+                    retrieval_sets: Sequence[str] | None = None, split: str = "official", imagenet_val=None,
                     imagenet_classnames=None, sun397_root=None, sun397_seed: int = 0, batch_size: int = 256,
                     device=None, num_workers: int = 0, image_size: int | None = None,
                     distributed: bool | None = None, group=None, autocast_dtype: torch.dtype | None = None,
