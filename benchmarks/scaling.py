@@ -314,7 +314,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             fps = count_flops_per_sample(pmodel)
             notes.append(f"FLOPs per sample: {fps / 1e9:.1f} GFLOP, counted by FlopCounterMode on one fast-path step "
-                         f"at B=1 ({time.perf_counter() - t0:.0f} s); cosmos_method.md §8.1 gives ≈559 for ViT-B/16 "
+                         f"at B=1 ({time.perf_counter() - t0:.0f} s); the analytic count is ≈559 for ViT-B/16 "
                          "(official repeat pooling).")
         else:
             notes.append(f"FLOPs per sample: {fps / 1e9:.1f} GFLOP (given).")

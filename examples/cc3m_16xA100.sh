@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # COSMOS ViT-B/16 on CC3M-recap: 16 × A100-40GB (4 nodes × 4), 64 per GPU, global batch 1024,
-# 32 epochs, EMA momentum 0.999 — the official recipe (cosmos_method.md §5).
+# 32 epochs, EMA momentum 0.999 — the official recipe (its training scripts).
 # Launch from the first node with passwordless ssh to the others (DeepSpeed's pdsh launcher).
 set -euo pipefail
 source "$(dirname "$0")/nccl_env.sh"
