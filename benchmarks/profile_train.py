@@ -65,6 +65,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_train import results_dir, write_rows  # noqa: E402
+from benchmarks.comm_model import comm_volume  # noqa: E402
 from benchmarks.harness import env_info  # noqa: E402
 from cosmos_fast.profiling import PHASES, PhaseTimer  # noqa: E402
 
@@ -316,16 +317,14 @@ def summarize(results: list[dict], out: Path, args) -> tuple[list[dict], list[di
     for c in (c for c in comm_rows if c["rank"] == 0):
         lines.append(f"| {c['category']} | {c['collective']} | {c['calls']:.1f} | {c['input_bytes'] / 1e6:.3f} | "
                      f"{c['size_bytes'] / 1e6:.3f} | {c['wire_bytes'] / 1e6:.3f} | {c['time_ms']:.2f} |")
-    try:                                         # the formula volumes of scaling.py, for comparison
-        from benchmarks.scaling import comm_volume
-
+    try:                                         # the formula volumes of comm_model.py, for comparison
         f = comm_volume(results[0]["n_params"], stage, world, batch=results[0]["batch"], dim=args.embed_dim,
                         param_bytes=4, grad_bytes=4, feature_bytes=4, teacher_partitioned=True,
                         reduce_scatter=results[0]["device"].startswith("cuda"))
         meas = defaultdict(float)
         for c in (c for c in comm_rows if c["rank"] == 0):
             meas[c["category"]] += c["wire_bytes"]
-        lines += ["", "Measured vs formula (benchmarks/scaling.py comm_volume) wire bytes per step and rank "
+        lines += ["", "Measured vs formula (benchmarks/comm_model.py comm_volume) wire bytes per step and rank "
                   "(fp32 on CPU, where gloo all-reduces in place of reduce-scatter):", "",
                   "| category | measured MB | formula MB |", "|---|---|---|"]
         for k in sorted(set(meas) | set(f)):

@@ -14,9 +14,10 @@
      plus the loss, whose per-rank cost grows with the global batch: 176 matmuls of
      2·B·B_g·D FLOPs (fast path: local rows × all columns; cosmos_method.md §8.2).
      On CUDA, the measured 1-rank step time replaces FLOPs/(peak·MFU) (``compute_source=measured``).
-   * Communication volume per rank per step by category, from :func:`comm_volume` (formula, ring
-     algorithms, bf16 parameters/gradients/features): see its docstring. On CUDA with a measured
-     profile, the formula is rescaled per category by measured/formula at the measured world size.
+   * Communication volume per rank per step by category, from
+     :func:`benchmarks.comm_model.comm_volume` (formula, ring algorithms, bf16
+     parameters/gradients/features): see its docstring. On CUDA with a measured profile, the
+     formula is rescaled per category by measured/formula at the measured world size.
    * Time per category = wire bytes / bus bandwidth + α per call. Bus bandwidths (nccl-tests
      busbw, which already folds in the ring factor): 230 GB/s within an 8×A100 NVLink node; across
      nodes ~90 GB/s with 4×HDR InfiniBand (``--ib hdr4``) or ~180 GB/s with 8×HDR (``hdr8``);
@@ -53,66 +54,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_train import results_dir, write_rows  # noqa: E402
+from benchmarks.comm_model import CATEGORIES, comm_volume  # noqa: E402
 from benchmarks.harness import env_info  # noqa: E402
+from benchmarks.profile_train import demo_shards, launch  # noqa: E402
 
-CATEGORIES = ("feature_allgather", "loss_stats_allreduce", "feature_grad_reduce", "grad_reduce",
-              "zero3_param_gather", "zero3_teacher_gather", "param_allgather_after_step")
 OVERLAPPABLE = ("grad_reduce", "zero3_param_gather")
 PROJECT_GPUS = (8, 16, 32, 64, 128)
 IB_BUSBW = {"hdr4": 90e9, "hdr8": 180e9}
-N_CAPS, N_TEACHER, PAIRS, LOSS_MATMULS = 8, 2, 80, 176
+LOSS_MATMULS = 176
 
 
 # ----------------------------------------------------------------------------- formulas
-def comm_volume(n_params: int, stage: int, world: int, *, batch: int, dim: int = 512, param_bytes: int = 2,
-                grad_bytes: int = 2, feature_bytes: int = 2, teacher_partitioned: bool = True,
-                teacher_bytes: int = 4, reduce_scatter: bool = True, zero3_regather: bool = False,
-                n_caps: int = N_CAPS,
-                n_teacher: int = N_TEACHER, pairs: int = PAIRS, stats_bytes: int = 4) -> dict[str, float]:
-    """Per-rank bytes on the wire per training step, by category (ring algorithms).
-
-    With W ranks, a = (W−1)/W (all-gather / reduce-scatter) and r = 2(W−1)/W (all-reduce), P
-    parameters, B per-rank batch, B_g = B·W, D feature width:
-      feature_allgather    a · (n_caps + 2·n_teacher) · B_g · D · feature_bytes   (student text,
-                           teacher image + text features gathered by the loss)
-      loss_stats_allreduce r · (2 · pairs · B_g + 2 · pairs) · stats_bytes  (column max and sum of
-                           exp per pair and column, fp32; per-pair totals and diagonals)
-      feature_grad_reduce  (a if reduce_scatter else r) · n_caps · B_g · D · feature_bytes
-                           + r · 2 · stats_bytes  (text-feature gradients back to their owners;
-                           the two logit-scale gradients)
-      grad_reduce          stage 0: r · P · grad_bytes (all-reduce); stages 1–3: a · P · grad_bytes
-                           (reduce-scatter; r · P · grad_bytes with reduce_scatter=False, as
-                           gloo / DeepSpeed's CPU path all-reduce instead)
-      param_allgather_after_step  stages 1–2: a · P · param_bytes (updated partitions)
-      zero3_param_gather   stage 3: a · P · param_bytes (gathered once in the forward; small
-                           "persistent" parameters are re-gathered after the step instead), or
-                           2 · a · P · param_bytes with zero3_regather=True (the textbook ZeRO-3
-                           volume, when live-parameter / reuse-distance limits release the weights
-                           between forward and backward; the trainer's limits are 1e9, so a
-                           ViT-B keeps them — measured on CPU: one gather per step)
-      zero3_teacher_gather stage 3 with a partitioned fp32 teacher: a · P · teacher_bytes
-    """
-    out = dict.fromkeys(CATEGORIES, 0.0)
-    if world <= 1:
-        return out
-    a, r = (world - 1) / world, 2 * (world - 1) / world
-    bg = batch * world
-    out["feature_allgather"] = a * (n_caps + 2 * n_teacher) * bg * dim * feature_bytes
-    out["loss_stats_allreduce"] = r * (2 * pairs * bg + 2 * pairs) * stats_bytes
-    out["feature_grad_reduce"] = (a if reduce_scatter else r) * n_caps * bg * dim * feature_bytes + r * 2 * stats_bytes
-    if stage == 0:
-        out["grad_reduce"] = r * n_params * grad_bytes
-    else:
-        out["grad_reduce"] = (a if reduce_scatter else r) * n_params * grad_bytes
-    if stage in (1, 2):
-        out["param_allgather_after_step"] = a * n_params * param_bytes
-    if stage == 3:
-        out["zero3_param_gather"] = (2 if zero3_regather else 1) * a * n_params * param_bytes
-        if teacher_partitioned:
-            out["zero3_teacher_gather"] = a * n_params * teacher_bytes
-    return out
-
-
 def loss_flops(batch: int, world: int, dim: int = 512, impl: str = "fast") -> float:
     """Per-rank FLOPs of the 80-pair loss (forward + backward): 176 matmuls (cosmos_method.md §8.2),
     each 2·B·B_g·D on the fast path (local rows) or 2·B_g²·D on the official path (all rows)."""
@@ -202,8 +154,6 @@ def count_params(model: str) -> int:
 
 def measure(worlds, stages, args, device) -> tuple[list[dict], dict]:
     """Weak-scaling runs; returns rows and {stage: measured comm rows of the largest world}."""
-    from benchmarks.profile_train import demo_shards, launch
-
     rows, comm = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="cosmos_scaling_"))
     top = max(worlds)

@@ -72,6 +72,7 @@ def run_demo(output_dir="runs/demo", overrides=(), seed: int = 0) -> dict:
     from .trainer import Trainer
 
     out = Path(output_dir)
+    load_config("tiny-cpu", list(overrides))          # a bad override fails before the data set is drawn
     patterns = ensure_demo_data(out / "data", seed)
     cfg = load_config("tiny-cpu", [f"data.train_shards={patterns['train']}", f"data.val_shards={patterns['val']}",
                                    f"train.seed={seed}", "train.auto_resume=false", *overrides])

@@ -15,7 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_train, report, scaling  # noqa: E402
+from benchmarks import bench_train, comm_model, report, scaling  # noqa: E402
 from benchmarks.profile_train import classify, size_factor, wire_factor  # noqa: E402
 from cosmos_fast.profiling import PHASES  # noqa: E402
 
@@ -125,28 +125,28 @@ def test_bench_cross_pool_checks_every_provider_then_times(tmp_path):
 # ----------------------------------------------------------------------------- scaling formulas
 def test_comm_volume_matches_hand_computed_values():
     p, w, b, d = 1_000_000, 4, 8, 64
-    v0 = scaling.comm_volume(p, 0, w, batch=b, dim=d)                # bf16 (2 bytes) defaults
+    v0 = comm_model.comm_volume(p, 0, w, batch=b, dim=d)             # bf16 (2 bytes) defaults
     assert v0["grad_reduce"] == pytest.approx(1.5 * p * 2)             # all-reduce 2(W-1)/W · 2P bytes
     assert v0["param_allgather_after_step"] == 0 and v0["zero3_param_gather"] == 0
     for stage in (1, 2):
-        v = scaling.comm_volume(p, stage, w, batch=b, dim=d)
+        v = comm_model.comm_volume(p, stage, w, batch=b, dim=d)
         assert v["grad_reduce"] == pytest.approx(0.75 * p * 2)         # reduce-scatter
         assert v["param_allgather_after_step"] == pytest.approx(0.75 * p * 2)
         assert v["zero3_param_gather"] == 0 and v["zero3_teacher_gather"] == 0
-    v3 = scaling.comm_volume(p, 3, w, batch=b, dim=d)
+    v3 = comm_model.comm_volume(p, 3, w, batch=b, dim=d)
     assert v3["grad_reduce"] == pytest.approx(1.5e6)
     assert v3["zero3_param_gather"] == pytest.approx(1.5e6)
     assert v3["zero3_teacher_gather"] == pytest.approx(0.75 * p * 4)   # fp32 teacher
     assert v3["param_allgather_after_step"] == 0
-    assert scaling.comm_volume(p, 3, w, batch=b, dim=d, zero3_regather=True)["zero3_param_gather"] == pytest.approx(3e6)
-    assert scaling.comm_volume(p, 3, w, batch=b, dim=d, teacher_partitioned=False)["zero3_teacher_gather"] == 0
-    assert scaling.comm_volume(p, 2, w, batch=b, dim=d, reduce_scatter=False)["grad_reduce"] == pytest.approx(3e6)
+    assert comm_model.comm_volume(p, 3, w, batch=b, dim=d, zero3_regather=True)["zero3_param_gather"] == pytest.approx(3e6)
+    assert comm_model.comm_volume(p, 3, w, batch=b, dim=d, teacher_partitioned=False)["zero3_teacher_gather"] == 0
+    assert comm_model.comm_volume(p, 2, w, batch=b, dim=d, reduce_scatter=False)["grad_reduce"] == pytest.approx(3e6)
     # loss traffic, B_g = 32: 12 feature blocks gathered; 2·80·B_g + 160 fp32 statistics all-reduced;
     # the 8 text-feature gradient blocks reduce-scattered plus the 2 logit-scale gradients
     assert v0["feature_allgather"] == pytest.approx(0.75 * 12 * 32 * 64 * 2)
     assert v0["loss_stats_allreduce"] == pytest.approx(1.5 * (2 * 80 * 32 + 160) * 4)
     assert v0["feature_grad_reduce"] == pytest.approx(0.75 * 8 * 32 * 64 * 2 + 1.5 * 8)
-    assert all(x == 0 for x in scaling.comm_volume(p, 3, 1, batch=b, dim=d).values())
+    assert all(x == 0 for x in comm_model.comm_volume(p, 3, 1, batch=b, dim=d).values())
 
 
 def test_loss_flops_formula():

@@ -14,7 +14,7 @@ import yaml
 from cosmos_fast import cli
 from cosmos_fast.config import ConfigError, describe, load_config
 from cosmos_fast.data.captions import DREAMLIP_FIELDS
-from cosmos_fast.train import config_help
+from cosmos_fast.train import config_help, config_markdown
 from cosmos_fast.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,10 +169,82 @@ def test_readme_and_messages_do_not_cite_a_missing_file():
     assert "cosmos_method" not in help_text
 
 
-def test_readme_documents_eval_layouts_csv_columns_and_train_defaults():
-    readme = " ".join((REPO / "README.md").read_text().split())
-    for needle in ("coco/annotations/captions_val2017.json", "flickr30k-images/flickr30k_val.json",
-                   "SUN397/ClassName.txt", "`Image Path`", *(f"`{f}`" for f in DREAMLIP_FIELDS),
-                   "--config tiny-cpu --output-dir runs/train", "--print-config"):
+def _words(path: Path) -> str:
+    return " ".join(path.read_text().split())
+
+
+def test_readmes_document_eval_layouts_csv_columns_and_train_defaults():
+    """The README says what no flags mean; the eval layouts and make-shards columns it moved to the
+    eval and data folder READMEs, which it links."""
+    readme = _words(REPO / "README.md")
+    for needle in ("--config tiny-cpu --output-dir runs/train", "--print-config",
+                   "`cosmos-fast` without a command prints its help",
+                   "cosmos_fast/eval/README.md", "cosmos_fast/data/README.md"):
         assert needle in readme, needle
-    assert "`cosmos-fast` without a command prints its help" in readme
+    eval_readme = _words(REPO / "cosmos_fast" / "eval" / "README.md")
+    for needle in ("coco/annotations/captions_val2017.json", "flickr30k-images/flickr30k_val.json",
+                   "SUN397/ClassName.txt"):
+        assert needle in eval_readme, needle
+    data_readme = _words(REPO / "cosmos_fast" / "data" / "README.md")
+    for needle in ("`Image Path`", *(f"`{f}`" for f in DREAMLIP_FIELDS)):
+        assert needle in data_readme, needle
+
+
+STALE = "stale: regenerate with `cosmos-fast train --help-config --markdown > cosmos_fast/configs/README.md`"
+
+
+def test_config_reference_is_generated_from_the_dataclasses():
+    """cosmos_fast/configs/README.md is exactly what --help-config --markdown prints now."""
+    committed = (REPO / "cosmos_fast" / "configs" / "README.md").read_text()
+    assert committed == config_markdown(), STALE
+
+
+def test_help_config_markdown_prints_one_row_per_key(capsys):
+    """Both entry points print the markdown reference: a heading per section, then one table row per
+    describe() key with its default and meaning; --markdown alone is a one-line error."""
+    assert cli.main(["train", "--help-config", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert train_main(["--help-config", "--markdown"]) == 0
+    assert capsys.readouterr().out == out == config_markdown()
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `(.*?)` \| (.*) \|$", out, re.M)
+    assert rows == [tuple(r) for r in describe()]
+    sections = re.findall(r"^## (\w+)$", out, re.M)
+    assert sections == list(dict.fromkeys(k.split(".")[0] for k, _, _ in describe()))
+    assert cli.main(["train", "--markdown"]) == 2
+    assert "--help-config" in capsys.readouterr().err
+
+
+def test_config_markdown_escapes_pipes():
+    text = config_markdown([("data.x", "'a|b'", "one | two")])
+    assert "| `data.x` | `'a\\|b'` | one \\| two |" in text.splitlines()
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("readme", ["README.md", "cosmos_fast/README.md", "cosmos_fast/data/README.md",
+                                    "cosmos_fast/eval/README.md", "examples/README.md", "kernels/README.md",
+                                    "benchmarks/README.md"])
+def test_readme_relative_links_point_to_existing_files(readme):
+    """Every relative markdown link (``[text](path#fragment)``) names an existing file or folder, a
+    fragment names a heading of that file (GitHub's anchor rule), and the README stays within 150 lines."""
+    path = REPO / readme
+    targets = [t for t in LINK.findall(path.read_text()) if not re.match(r"[a-z]+:", t)]
+    assert targets, f"{readme} links nothing"
+    missing = []
+    for target in targets:
+        file, _, fragment = target.partition("#")
+        linked = path.parent / file if file else path
+        if not linked.exists():
+            missing.append(target)
+        elif fragment and fragment not in _anchors(linked):
+            missing.append(target)
+    assert missing == [], f"{readme}: links to missing files or headings {missing}"
+    if readme == "README.md":
+        assert len(path.read_text().splitlines()) <= 150

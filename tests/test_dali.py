@@ -22,9 +22,9 @@ from cosmos_fast.data import pil_hue  # noqa: E402
 from cosmos_fast.data.backends import build_loader  # noqa: E402
 from cosmos_fast.data.captions import Tokenizer  # noqa: E402
 from cosmos_fast.data.loader import WebDatasetLoader  # noqa: E402
+from cosmos_fast.data.normalize import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from cosmos_fast.data.shards import index_path, write_index  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
-from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from tests.test_loader import spec, write_shards  # noqa: E402
 from multicrop_spy import spy_multicrop  # noqa: E402
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cosmos_fast.data.captions import DREAMLIP_FIELDS, Tokenizer
 from cosmos_fast.data.loader import StreamSpec, WebDatasetLoader, steps_per_epoch
-from cosmos_fast.data.transforms import OPENAI_MEAN, OPENAI_STD
+from cosmos_fast.data.normalize import OPENAI_MEAN, OPENAI_STD
 
 
 def jpeg(seed, size=48):

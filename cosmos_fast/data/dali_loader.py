@@ -127,9 +127,9 @@ import torch
 
 from .captions import SampleError, Tokenizer, sample_captions
 from .loader import IMAGE_KEYS, StreamSpec, _seed, check_pipe_urls, local_tar_problem, parse_json
+from .normalize import OPENAI_MEAN, OPENAI_STD
 from .pil_crop import PARAM_FIELDS
 from .shards import ShardError, index_path, read_report, write_index
-from .transforms import OPENAI_MEAN, OPENAI_STD
 
 log = logging.getLogger(__name__)
 

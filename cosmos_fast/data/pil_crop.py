@@ -37,7 +37,7 @@ import numpy as np
 import PIL
 
 from . import pil_hue
-from .transforms import OPENAI_MEAN, OPENAI_STD
+from .normalize import OPENAI_MEAN, OPENAI_STD
 
 # the random parameters of one crop, in the order of the kernel's parameter vector
 PARAM_FIELDS = ("y0", "x0", "h", "w", "flip", "jitter", "brightness", "contrast", "saturation", "hue", "order",

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from . import pil_hue
+from .normalize import OPENAI_MEAN, OPENAI_STD
+from .pil_crop import ORDER_INDEX, PARAM_FIELDS, augment_crop
 
 
 class PILGaussianBlur:
@@ -89,8 +91,6 @@ class FusedMultiCropTransform(MultiCropTransform):
     2 workers). Needs numba."""
 
     def _params(self, comp: T.Compose, img: Image.Image) -> tuple[dict, int]:
-        from .pil_crop import ORDER_INDEX
-
         p = dict(flip=0, jitter=0, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, order=0, gray=0, blur=0,
                  radius=0.5, solarize=0)
         size = None
@@ -121,10 +121,6 @@ class FusedMultiCropTransform(MultiCropTransform):
         return p, size
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        import numpy as np
-
-        from .pil_crop import PARAM_FIELDS, augment_crop
-
         img = _to_rgb(img)
         arr = np.asarray(img)
         crops = []
@@ -140,8 +136,6 @@ AUGMENT_IMPLS = ("auto", "pil", "fused")
 def resolve_augment(impl: str) -> str:
     """``data.augment``: ``pil`` (torchvision's PIL ops), ``fused`` (the same crops from the Numba kernel;
     needs numba) or ``auto`` (fused when numba is installed)."""
-    from . import pil_hue
-
     if impl not in AUGMENT_IMPLS:
         raise ValueError(f"data.augment = {impl!r} must be one of {', '.join(AUGMENT_IMPLS)}")
     if impl == "fused" and not pil_hue.available():

@@ -16,11 +16,62 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, resolve_model_config
-from .layers import LayerNorm, Transformer, VisionTower
+from .layers import LayerNorm, Transformer, resample_pos_embed
 from .pooler import CrossAttentionPooler
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class VisionTower(nn.Module):
+    """ViT image tower (``visual.*`` keys), owner of the image cross-attention pooler.
+
+    ``forward(x)`` on N×3×H×H returns the global embedding f (N×D, un-normalised) and, with
+    ``return_tokens``, the patch tokens after ``ln_post`` without CLS (N×g²×width).
+    """
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 mlp_ratio: float, output_dim: int, pooler_heads: int = 8):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"vision_cfg.image_size {image_size} is not a multiple of "
+                             f"vision_cfg.patch_size {patch_size}")
+        self.image_size, self.patch_size, self.width = image_size, patch_size, width
+        self.grid = image_size // patch_size
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        self.attn_cross_pool = CrossAttentionPooler(output_dim, output_dim, n_head=pooler_heads)
+        self.ln_post = LayerNorm(width)
+
+    def check_input(self, x: torch.Tensor) -> int:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"image batch must be N×3×H×W, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h != w:
+            raise ValueError(f"image size {h}×{w} is not square")
+        if h % self.patch_size:
+            raise ValueError(f"image size {h} is not a multiple of the patch size {self.patch_size}")
+        return h // self.patch_size
+
+    def pos_embed(self, grid: int) -> torch.Tensor:
+        if grid == self.grid:
+            return self.positional_embedding
+        return resample_pos_embed(self.positional_embedding, grid)
+
+    def forward(self, x: torch.Tensor, return_tokens: bool = False):
+        grid = self.check_input(x)
+        x = self.conv1(x).flatten(2).transpose(1, 2)                  # N × g² × width
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed(grid).to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        x = self.ln_post(x)
+        f = x[:, 0] @ self.proj
+        return (f, x[:, 1:]) if return_tokens else f
 
 
 class CosmosCLIP(nn.Module):
