@@ -171,7 +171,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._make_output_dir()
-        auto = resume is None and cfg.train.auto_resume
+        auto = resume is None and cfg.train.auto_resume and not overwrite     # --overwrite starts anew
         if auto:
             resume = self._newest_checkpoint()
         self._claim_output_dir(resume, overwrite)

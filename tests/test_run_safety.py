@@ -57,8 +57,8 @@ def test_new_run_refuses_another_runs_folder(data, tmp_path):
     run(small_cfg(data, "train.max_steps=2"), other)
     with pytest.raises(RunFolderError, match="starting from"):
         Trainer(small_cfg(data), other, resume=tmp_path)
-    # --overwrite: the old outputs go, the new run starts at step 0
-    t = run(small_cfg(data, "train.auto_resume=false", "train.max_steps=2"), tmp_path, overwrite=True)
+    # --overwrite: the old outputs go, the new run starts at step 0 (no auto-resume of what it deletes)
+    t = run(small_cfg(data, "train.max_steps=2"), tmp_path, overwrite=True)
     assert t.step == 2 and [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [1, 2]
     assert not (tmp_path / "checkpoints" / "epoch_1.pt").exists()
 
