@@ -315,8 +315,7 @@ class Trainer:
         act = activation_bytes(m, d.batch_size, d.global_size or m.vision_cfg.image_size, d.local_size,
                                d.local_crops, d.num_captions, self.cfg.train.precision,
                                self.cfg.model.grad_checkpointing)
-        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.student.parameters())
-        plan = memory_plan(n, self.stage, self.world, self.cfg.train.precision)
+        _, plan = self._memory_plan()
         state = plan["gradients"] + plan["optimizer"]          # the weights are already allocated
         free = free_memory_bytes(self.device)
         log.info("estimated activation memory per step: %.2f GiB (data.batch_size %d)", act / 2 ** 30, d.batch_size)
@@ -361,9 +360,13 @@ class Trainer:
         # a resumed run drops the events logged after its checkpoint, so curves are not drawn twice
         return SummaryWriter(str(self.out / "tb"), purge_step=self.step or None)
 
-    def _log_start(self):
+    def _memory_plan(self) -> tuple[int, dict]:
+        """(student parameter count, memory_plan bytes per rank) for this run's stage, world and precision."""
         n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.student.parameters())
-        plan = memory_plan(n, self.stage, self.world, self.cfg.train.precision)
+        return n, memory_plan(n, self.stage, self.world, self.cfg.train.precision)
+
+    def _log_start(self):
+        n, plan = self._memory_plan()
         mb = {k: f"{v / 2 ** 20:.1f} MB" for k, v in plan.items()}
         log.info("model %s: %.2fM parameters; per rank (%s, ZeRO-%d, %d ranks): student weights %s, gradients %s, "
                  "optimizer %s, fp32 teacher %s, total %s", self.cfg.model.name, n / 1e6,

@@ -240,17 +240,18 @@ class _Skips:
                 log.warning("worker %d: further %r skips are counted but not logged", self.worker, reason)
 
 
+def local_path(url: str) -> str | None:
+    """The file path of a local shard URL (plain or ``file:``); None for a URL with a scheme
+    (``pipe:``, ``http://``, ``s3://``, ...), which is left to the reader."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if ":" in path.split("/")[0] or path.startswith("pipe:"):
+        return None
+    return path
+
+
 def missing_local_shards(urls) -> list[str]:
-    """The local shard paths (plain or ``file:``) among ``urls`` that are not files; URLs with a
-    scheme (``pipe:``, ``http://``, ``s3://``, ...) are left to the reader."""
-    missing = []
-    for url in urls:
-        path = url[len("file:"):] if url.startswith("file:") else url
-        if ":" in path.split("/")[0] or path.startswith("pipe:"):
-            continue
-        if not Path(path).is_file():
-            missing.append(url)
-    return missing
+    """The local shard URLs among ``urls`` whose file does not exist."""
+    return [url for url in urls if (path := local_path(url)) is not None and not Path(path).is_file()]
 
 
 def local_tar_problem(url: str) -> str | None:
@@ -258,8 +259,8 @@ def local_tar_problem(url: str) -> str | None:
 
     A tar ends with two zero blocks and is a whole number of 512-byte blocks; a file cut short
     (an interrupted copy or download) fails this test, while tarfile would silently stop early."""
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if ":" in path.split("/")[0] or path.startswith("pipe:"):
+    path = local_path(url)
+    if path is None:
         return None                                     # remote or piped: left to the tar reader
     try:
         with open(path, "rb") as fh:
