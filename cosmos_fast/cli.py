@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from .config import TRUST_CHECKPOINT_HELP
+
 
 def cmd_demo(args) -> int:
     from .config import ConfigError
@@ -132,9 +134,7 @@ def build_parser(full: tuple[str, ...] = ()) -> argparse.ArgumentParser:
                         "folder or checkpoint file")
     e.add_argument("--output", required=True, help="the single official-format .pt file to write")
     e.add_argument("--model-name", default=None, help="model config name when the checkpoint lacks it")
-    e.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint in full: such a file can run arbitrary code, so only for files "
-                        "you trust (default: only tensors, plain containers and a few known types are read)")
+    e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_CHECKPOINT_HELP)
     e.set_defaults(func=cmd_export)
     _add_lazy(sub, "make-shards", "make-shards" in full)
     m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards",

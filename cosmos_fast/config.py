@@ -145,6 +145,11 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
+# The --trust-checkpoint help of train, eval and export (this module imports no torch: cheap for --help).
+TRUST_CHECKPOINT_HELP = ("unpickle checkpoint files in full: such a file can run arbitrary code, so only for files you "
+                         "trust (default: only tensors, plain containers and a few known types are read)")
+
+
 class ConfigError(ValueError):
     pass
 

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, describe, list_presets, load_config
+from .config import TRUST_CHECKPOINT_HELP, ConfigError, describe, list_presets, load_config
 
 
 TRAIN_DESCRIPTION = """\
@@ -37,9 +37,7 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even when the config changes what exact resume depends on (batch, data, seed, "
                         "schedule lengths, world size)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load checkpoint files with full unpickling: such a file can run arbitrary code, so only "
-                        "for files you trust (default: only tensors and plain containers are read)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_CHECKPOINT_HELP)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--help-config", action="store_true",

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import TRUST_CHECKPOINT_HELP
 from .datasets import RETRIEVAL_SETS, SPLITS
 
 WEIGHTS = ("teacher", "student", "both")
@@ -239,9 +240,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--model-config", metavar="NAME_OR_JSON",
                      help="ViT-B-16, ViT-B-32, tiny or a JSON config file (default: the model the checkpoint records; "
                           "for a file that records none, ViT-B-32 if its name says vitb32, else ViT-B-16)")
-    src.add_argument("--trust-checkpoint", action="store_true",
-                     help="unpickle the checkpoint in full: such a file can run arbitrary code, so only for files you "
-                          "trust (default: only tensors, plain containers and a few known types are read)")
+    src.add_argument("--trust-checkpoint", action="store_true", help=TRUST_CHECKPOINT_HELP)
     data = p.add_argument_group("data")
     data.add_argument("--retrieval-root", metavar="DIR", help="folder holding coco/ and flickr30k-images/")
     data.add_argument("--retrieval-sets", default=None,
