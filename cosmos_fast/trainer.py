@@ -24,6 +24,7 @@ import torch
 
 from .config import Config, save_config, validate
 from .data.captions import Tokenizer
+from .device import resolve_device
 from .data.loader import StreamSpec, expand_shards, steps_per_epoch
 from .ema import MomentumSchedule, build_teacher
 from .loss import CosmosLoss
@@ -194,7 +195,7 @@ class Trainer:
 
     def _build(self, resume, auto: bool) -> None:
         cfg = self.cfg
-        self.device = self._device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, self.local_rank)
         set_attention_backend(cfg.model.attention)
 
         # build: identical student on every rank (seed + 0), then seed + rank (official main.py)
@@ -329,11 +330,6 @@ class Trainer:
                 f"or set train.memory_check=false to try anyway")
 
     # ----------------------------------------------------------------- build
-    def _device(self, name: str) -> torch.device:
-        if name == "auto":
-            return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
-        return torch.device(name)
-
     def _build_loader(self):
         d, m = self.cfg.data, self.student.cfg
         spec = StreamSpec(

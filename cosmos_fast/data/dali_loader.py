@@ -125,6 +125,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from .captions import SampleError, Tokenizer, sample_captions
 from .loader import IMAGE_KEYS, StreamSpec, _seed, check_pipe_urls, local_tar_problem, parse_json
 from .normalize import OPENAI_MEAN, OPENAI_STD
@@ -143,15 +144,6 @@ def dali_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("nvidia.dali") is not None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 _WARNED_NO_NUMBA: list = []

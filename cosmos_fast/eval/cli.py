@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..config import TRUST_CHECKPOINT_HELP
+from ..device import resolve_device
 from .datasets import RETRIEVAL_SETS, SPLITS
 
 WEIGHTS = ("teacher", "student", "both")
@@ -178,12 +179,6 @@ def default_num_workers(cap: int = 8) -> int:
     return max(1, min(cap, cores))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None, huggingface_file: str | None = None,
                         huggingface_revision: str | None = None, model: str = "teacher", model_config=None,
                         device="auto", trust_checkpoint: bool = False, **eval_kwargs) -> dict:
@@ -209,7 +204,7 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     weights = ("student", "teacher") if model == "both" else (model,)
     body = read_checkpoint(path, weights, trust=trust_checkpoint)
     cfg, label = resolve_model_config(model_config, path.name, recorded_model(body))
-    dev = _device(device) if isinstance(device, str) else torch.device(device)
+    dev = resolve_device(device)
     models, meta = load_models(path, cfg, weights, dev, trust=trust_checkpoint, body=body)
     # the resolution the run trained and evaluated at (data.global_size), else the model's
     run_size = ((body.get("config") or {}).get("data") or {}).get("global_size") if isinstance(body, Mapping) else None
