@@ -3,11 +3,11 @@
 Providers
   reference  cosmos_fast.reference.cross_pool.cross_pool_reference (context repeated n times, LN_k and
              K/V projections on every copy, nn.MultiheadAttention), the spec
-  absorbed   ops.cross_pool(..., impl="absorbed"): LN_k once per sample, W_k folded into the queries
-             and W_v applied to the pooled context, no K/V tensors (the CPU default)
-  shared     ops.cross_pool(..., impl="shared"): LN_k and K/V once per sample, PyTorch SDPA
-  fused      cosmos_fast.fused_cross_pool.cross_pool_fused: shared K/V + the Triton attention core
-             (CUDA only)
+  absorbed   cosmos_fast.ops.cross_pool(..., impl="absorbed"): LN_k once per sample, W_k folded into the
+             queries and W_v applied to the pooled context, no K/V tensors (the CPU default)
+  shared     cosmos_fast.ops.cross_pool(..., impl="shared"): LN_k and K/V once per sample, PyTorch SDPA
+  fused      cosmos_fast.ops.cross_pool(..., impl="fused"): shared K/V + the Triton attention core of
+             kernels/cross_pool.py (CUDA only)
 
 Shapes: ViT-B/16 poolers, n = 8 queries per sample, D = 512, 8 heads; the image pooler attends over
 L = 196 patch tokens, the text pooler over L = 77 tokens. Modes: ``fwd`` (a training forward,
@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import add_record_arg, env_info, peak_memory, record, time_fn, write_csv  # noqa: E402
 from cosmos_fast.model.pooler import CrossAttentionPooler  # noqa: E402
-from cosmos_fast.ops import cross_pool  # noqa: E402
+from cosmos_fast.ops.cross_pool import cross_pool  # noqa: E402
 from cosmos_fast.reference.cross_pool import cross_pool_reference  # noqa: E402
 
 CONTEXT_LEN = {"image": 196, "text": 77}          # ViT-B/16: 14×14 patches; 77 text tokens
@@ -57,9 +57,7 @@ def _absorbed(pooler, context, queries):
 
 
 def _fused(pooler, context, queries):
-    from cosmos_fast.fused_cross_pool import cross_pool_fused
-
-    return cross_pool_fused(pooler, context, queries)
+    return cross_pool(pooler, context, queries, impl="fused")
 
 
 def available_providers(device: torch.device) -> dict:

@@ -71,7 +71,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import add_record_arg, env_info, peak_memory, record  # noqa: E402
 from cosmos_fast.ema import build_teacher  # noqa: E402
-from cosmos_fast.loss import CosmosLoss  # noqa: E402
+from cosmos_fast.ops.contrastive import CosmosLoss  # noqa: E402
 from cosmos_fast.model import create_model  # noqa: E402
 from cosmos_fast.model.attention import attention_backend  # noqa: E402
 from cosmos_fast.model.config import resolve_model_config  # noqa: E402

@@ -146,7 +146,7 @@ step() {   # step NAME CAP_SECONDS COMMAND...
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 step pytest_kernels 120 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_contrastive.py \
-    tests/test_cross_pool_kernel.py tests/test_trainer.py::test_amp_training_on_cuda \
+    tests/test_cross_pool.py tests/test_trainer.py::test_amp_training_on_cuda \
     --junitxml="$OUT/pytest_kernels.xml"
 
 # ------------------------------------------------------------------ 4. kernel microbenchmarks

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MomentumSchedule": ".ema", "build_teacher": ".ema", "clamp_logit_scales": ".ema", "ema_update": ".ema",
-    "CosmosLoss": ".loss",
+    "CosmosLoss": ".ops",
     "CheckpointMismatchError": ".model", "CosmosCLIP": ".model", "CrossAttentionPooler": ".model",
     "UntrustedCheckpointError": ".model", "create_model": ".model", "load_checkpoint": ".model",
     "save_checkpoint": ".model",

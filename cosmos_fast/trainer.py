@@ -27,7 +27,7 @@ from .data.captions import Tokenizer
 from .device import resolve_device
 from .data.loader import StreamSpec, expand_shards, steps_per_epoch
 from .ema import MomentumSchedule, build_teacher
-from .loss import CosmosLoss
+from .ops.contrastive import CosmosLoss
 from .model import create_model, set_attention_backend
 from .distributed import (activation_bytes, clamp_scales_zero, deepspeed_config, ema_update_zero,
                           free_memory_bytes, full_state_dict, gathered, init_distributed, load_full_state_dict,

@@ -31,9 +31,9 @@ use IEEE fp32 dot products; bf16/fp16 inputs are upcast and use TF32 dot product
 them exactly (only the probabilities P and dS are truncated to TF32).
 
 Devices: the kernels need CUDA tensors, or TRITON_INTERPRET=1 set before this module is imported
-(the Triton interpreter on CPU; slow, for tests). Tested: the Triton 3.8 interpreter on CPU with fp32
-and bf16 inputs. Written for triton 3.6 and 3.8 on NVIDIA GPUs, not yet run on one: the GPU-only tests
-in tests/test_cross_pool_kernel.py (bf16, D = 512 production shapes, head dim 8) are the check.
+(the Triton interpreter on CPU; slow, for tests). Tested: the Triton interpreter on CPU with fp32
+and bf16 inputs, and on an NVIDIA H200 (the GPU-only tests in tests/test_cross_pool.py: bf16,
+D = 512 production shapes, head dim 8); timings in bench_results/cross_pool/.
 
 The op is registered as ``torch.ops.cosmos_fast.cross_pool_attn_fwd`` / ``..._bwd`` custom ops with
 fake (meta) implementations and autograd, so models calling :func:`cross_pool_attn` trace under

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.cross_pool import cross_pool
 from .config import ModelConfig, resolve_model_config
 from .layers import LayerNorm, Transformer, resample_pos_embed
 from .pooler import CrossAttentionPooler
@@ -204,8 +205,6 @@ class CosmosCLIP(nn.Module):
         return torch.cat(feats), tokens
 
     def forward_multicrop(self, crops, captions: torch.Tensor, batch_size: int) -> dict:
-        from ..ops import cross_pool
-
         b = batch_size
         n_caps = self._check_multicrop(crops, captions, b)
         n_crops = len(crops)

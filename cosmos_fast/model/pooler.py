@@ -9,22 +9,51 @@ For each sample b with context C_b (L×Dc) and n queries Q_b (n×D):
 This equals the official formulation, which repeats the context n times and runs
 ``nn.MultiheadAttention(query=LN_q(q), key=LN_k(C), value=LN_k(C))`` on every copy, up to
 floating-point order — but LN_k and the K/V projections run once per sample instead of n times.
-The returned tensor is the attention output *before* the residual add of the raw query.
+The returned tensor is the attention output *before* the residual add of the raw query. The
+attention itself is one of the implementations of the ``cross_pool`` op
+(:mod:`cosmos_fast.ops.cross_pool`), which the op's switch picks.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .layers import LayerNorm, PackedAttention
+from ..ops.cross_pool import absorbed_attention, fused_attention, shared_attention
+from .attention import attention
+from .layers import LayerNorm, PackedAttentionWeights
+
+POOL_IMPLS = ("shared", "absorbed", "fused")     # the implementations that run inside the module
+
+
+class CrossAttention(PackedAttentionWeights):
+    """Cross-attention of queries x (N, n, W) over a context (N, L, W), with ``impl`` one of
+    ``"shared"`` (K/V once per context row, the model's attention switch as the core),
+    ``"absorbed"`` (no K/V) or ``"fused"`` (the Triton core).
+
+    The implementation runs inside this module's forward with this module's weights and
+    ``out_proj`` is called as a submodule: DeepSpeed ZeRO-3 gathers parameters per module forward.
+    """
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, impl: str = "shared") -> torch.Tensor:
+        if impl == "shared":
+            o = shared_attention(x, context, self.in_proj_weight, self.in_proj_bias, self.heads, core=attention)
+        elif impl == "absorbed":
+            o = absorbed_attention(x, context, self.in_proj_weight, self.in_proj_bias, self.heads)
+        elif impl == "fused":
+            o = fused_attention(x, context, self.in_proj_weight, self.in_proj_bias, self.heads)
+        else:
+            raise ValueError(f"CrossAttention runs impl {POOL_IMPLS}, got {impl!r} "
+                             f"(the 'reference' formulation is cosmos_fast.reference.cross_pool)")
+        return self.out_proj(o)
 
 
 class CrossAttentionPooler(nn.Module):
-    """``forward(context: (B, L, Dc), queries: (B, n, D)) -> (B, n, D)``.
+    """``forward(context: (B, L, Dc), queries: (B, n, D), impl="shared") -> (B, n, D)``.
 
     State-dict keys are the official ones: ``attn.in_proj_weight`` (3D×D), ``attn.in_proj_bias``,
     ``attn.out_proj.{weight,bias}``, ``ln_q.*``, ``ln_k.*``. COSMOS uses context_dim = d_model; other
-    context widths are rejected (the packed in-projection assumes it).
+    context widths are rejected (the packed in-projection assumes it). ``impl``: see
+    :class:`CrossAttention`; :func:`cosmos_fast.ops.cross_pool` chooses it.
     """
 
     def __init__(self, d_model: int, context_dim: int, n_head: int = 8):
@@ -33,13 +62,11 @@ class CrossAttentionPooler(nn.Module):
             raise ValueError(f"CrossAttentionPooler needs context_dim == d_model "
                              f"(packed K/V projection), got context_dim={context_dim}, d_model={d_model}")
         self.d_model, self.n_head = d_model, n_head
-        self.attn = PackedAttention(d_model, n_head)
+        self.attn = CrossAttention(d_model, n_head)
         self.ln_q = LayerNorm(d_model)
         self.ln_k = LayerNorm(context_dim)
 
-    def forward(self, context: torch.Tensor, queries: torch.Tensor, core=None, absorbed: bool = False) -> torch.Tensor:
-        """``core``: an alternative attention core (q, k, v) -> o, e.g. the fused Triton kernel;
-        ``absorbed``: attend without forming K and V (see ``PackedAttention._absorbed_cross``)."""
+    def forward(self, context: torch.Tensor, queries: torch.Tensor, impl: str = "shared") -> torch.Tensor:
         if context.dim() != 3 or queries.dim() != 3:
             raise ValueError(f"context must be (B, L, Dc) and queries (B, n, D); got "
                              f"{tuple(context.shape)} and {tuple(queries.shape)}")
@@ -48,4 +75,4 @@ class CrossAttentionPooler(nn.Module):
         if context.shape[-1] != self.d_model or queries.shape[-1] != self.d_model:
             raise ValueError(f"pooler width is {self.d_model}; got context width {context.shape[-1]} "
                              f"and query width {queries.shape[-1]}")
-        return self.attn(self.ln_q(queries), context=self.ln_k(context), core=core, absorbed=absorbed)
+        return self.attn(self.ln_q(queries), self.ln_k(context), impl=impl)

@@ -1,4 +1,9 @@
-"""The COSMOS loss without B×B logits: blockwise (PyTorch) and fused (Triton) implementations.
+"""contrastive: the COSMOS loss (16 CLIP pairs with τ + 64 distillation pairs with τ_d).
+
+:class:`CosmosLoss` is the op's entry point and switch (``impl``: ``"auto"`` — Triton on CUDA,
+blockwise on CPU — ``"fused"``, ``"blockwise"`` or ``"reference"``). The fused and blockwise
+implementations compute the loss without B×B logits; the reference
+(:mod:`cosmos_fast.reference.contrastive`) is the official per-pair formulation.
 
 Notation: U (B×D) student rows on this rank, V (N×D) target columns gathered from all ranks
 (N = B·W), τ the group's scale, S = τ·U·Vᵀ. The global symmetric InfoNCE of one pair is
@@ -26,11 +31,41 @@ the two teacher tensors (no grad). The COSMOS total is
 
 Memory: forward saves the row log-sum-exps (P,Q,B) and column log-sum-exps (P,Q,N) per group;
 backward recomputes S tile by tile.
+
+Implementations here: :func:`blockwise_fwd` / :func:`blockwise_bwd` (PyTorch tiles, the kernel's
+CPU twin with its exact contract), the fused kernels of ``kernels/contrastive.py`` (imported on
+first use: triton is an optional dependency), the autograd and distributed glue around both
+(:func:`cosmos_loss_fast`), and :class:`CosmosLoss`.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from ..reference.contrastive import cosmos_loss_reference
+from .switch import impl_override, triton_available, triton_runnable
+
+CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
+
+
+def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = None) -> str:
+    """Validate ``impl``; with a device, also turn ``"auto"`` into a concrete implementation."""
+    if impl == "auto":
+        override = impl_override(CONTRASTIVE_IMPLS)
+        if override is not None:
+            impl = override
+        elif device is not None:
+            impl = "fused" if device.type == "cuda" and triton_available() else "blockwise"
+        else:
+            return "auto"
+    if impl not in CONTRASTIVE_IMPLS:
+        raise ValueError(f"unknown contrastive implementation {impl!r}; available: {('auto',) + CONTRASTIVE_IMPLS}")
+    if impl == "fused" and device is not None and not triton_runnable(device):
+        raise RuntimeError(f"contrastive impl='fused' needs CUDA tensors (got {device}) and triton, or "
+                           f"TRITON_INTERPRET=1 for testing; use impl='blockwise' on CPU")
+    return impl
+
 
 # ------------------------------------------------------------------------- blockwise (PyTorch)
 TILE_M, TILE_N = 256, 1024
@@ -102,7 +137,7 @@ def _backend(impl: str):
     if impl == "blockwise":
         return blockwise_fwd, blockwise_bwd
     if impl == "fused":
-        from .kernels import contrastive as k
+        from ..kernels import contrastive as k   # lazy: the kernel module imports triton (optional)
 
         return k.contrastive_fwd, k.contrastive_bwd
     raise ValueError(f"unknown LSE backend {impl!r}")
@@ -282,3 +317,73 @@ def cosmos_loss_fast(s_image, s_text, logit_scale, t_image, t_text, distill_logi
              for xs, count in ((s_xi, n_xi), (s_xt, n_xt))
              for ts, tq in ((t_img_all, n_ti), (t_txt_all, n_tt))]
     return {"distill_loss": sum(parts) / 4, "clip_loss": clip}
+
+
+# ------------------------------------------------------------------------------ the op
+def _blocks(name: str, xs, batch_size, expect_count: int | None = None, width=None):
+    """Validate one feature argument; returns (list of B×D blocks, base tensor or None)."""
+    if torch.is_tensor(xs):
+        if batch_size is None:
+            raise TypeError(f"{name} is a tensor: pass batch_size (or a list of B×D tensors)")
+        if xs.dim() != 2 or xs.shape[0] % batch_size or xs.shape[0] == 0:
+            raise ValueError(f"{name} of shape {tuple(xs.shape)} is not (n·{batch_size}, D)")
+        blocks, base = list(xs.split(batch_size)), xs
+    elif isinstance(xs, (list, tuple)):
+        blocks, base = list(xs), None
+    else:
+        raise TypeError(f"{name} must be a list of B×D tensors or an (n·B, D) tensor, got {type(xs).__name__}")
+    if not blocks:
+        raise ValueError(f"{name} is empty")
+    if expect_count is not None and len(blocks) != expect_count:
+        raise ValueError(f"{name} must have exactly {expect_count} entries, got {len(blocks)}")
+    shape = width or (tuple(blocks[0].shape) if torch.is_tensor(blocks[0]) else None)
+    for i, x in enumerate(blocks):
+        if not torch.is_tensor(x) or x.dim() != 2 or (shape is not None and tuple(x.shape) != shape):
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name}[{i}] must be a {'×'.join(map(str, shape or ('B', 'D')))} tensor, got {got}")
+    return blocks, base
+
+
+class CosmosLoss(nn.Module):
+    """The contrastive op's entry point: ``CosmosLoss(impl, grad_semantics)(...)``.
+
+    The forward takes the official keyword arguments — lists of B×D blocks, as the official
+    ``COSMOSLoss`` — or the model's (n·B, D) crop-/caption-major tensors directly with ``batch_size``
+    (no copy: the fused and blockwise paths read them as views). It returns
+    ``{"distill_loss", "clip_loss"}`` with ``output_dict=True``, else their sum. ``grad_semantics``
+    matters only with several ranks (see the module docstring).
+    """
+
+    def __init__(self, impl: str = "auto", grad_semantics: str = "official"):
+        super().__init__()
+        if grad_semantics not in ("official", "exact"):
+            raise ValueError(f"grad_semantics must be 'official' or 'exact', got {grad_semantics!r}")
+        self.impl = resolve_contrastive_impl(impl)
+        self.grad_semantics = grad_semantics
+
+    def forward(self, s_image_features, s_text_features, logit_scale, t_image_features,
+                t_text_features, distill_logit_scale, s_img_crossmodal_features,
+                s_txt_crossmodal_features, output_dict: bool = False, batch_size: int | None = None):
+        si, si_base = _blocks("s_image_features", s_image_features, batch_size)
+        shape = tuple(si[0].shape)
+        if len(si) < 2:
+            raise ValueError(f"s_image_features needs the 2 global crops first, got {len(si)} entries")
+        b = shape[0]
+        st = _blocks("s_text_features", s_text_features, b, None, shape)
+        ti = _blocks("t_image_features", t_image_features, b, 2, shape)
+        tt = _blocks("t_text_features", t_text_features, b, 2, shape)
+        xi = _blocks("s_img_crossmodal_features", s_img_crossmodal_features, b, None, shape)
+        xt = _blocks("s_txt_crossmodal_features", s_txt_crossmodal_features, b, None, shape)
+        impl = resolve_contrastive_impl(self.impl, si[0].device)
+        if impl == "reference":
+            out = cosmos_loss_reference(si, st[0], logit_scale, ti[0], tt[0], distill_logit_scale, xi[0], xt[0])
+        else:
+            def base(arg, count=None):   # the (n·B, D) view, or one concatenation of a list
+                blocks, whole = arg
+                if whole is not None:
+                    return whole if count is None else whole[: count * b]
+                return torch.cat(blocks[:count])
+            out = cosmos_loss_fast(base((si, si_base), 2), base(st), logit_scale, base(ti), base(tt),
+                                   distill_logit_scale, base(xi), base(xt), batch_size=b, impl=impl,
+                                   grad_semantics=self.grad_semantics)
+        return out if output_dict else out["distill_loss"] + out["clip_loss"]

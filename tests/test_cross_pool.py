@@ -1,0 +1,439 @@
+"""The cross_pool op over all its implementations (absorbed, shared, fused, reference) against the
+official formulation: nn.MultiheadAttention on the context repeated once per query, then residual
+add and L2 normalisation (cosmos_fast.reference.cross_pool). Also the pooler module, the switch,
+the Triton attention core alone and its torch.library registration.
+
+On machines without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest.py before any
+kernel module is imported) in fp32 with small widths. bf16 equality and the production shapes
+(D = 512, 8 heads, n = 8 / 1, L = 196 / 77) and head dim 8 on a real GPU are CUDA-only tests.
+"""
+import functools
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from utils import assert_close, assert_within_twice_torch_error, max_err
+
+from cosmos_fast.kernels import cross_pool as kc
+from cosmos_fast.model.pooler import CrossAttentionPooler
+from cosmos_fast.ops.cross_pool import cross_pool, resolve_cross_pool_impl
+from cosmos_fast.reference.cross_pool import OfficialPooler, cross_pool_reference, official_features, pool_repeat
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"          # the kernels run natively on CUDA, interpreted on CPU
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_kernels = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="needs CUDA or TRITON_INTERPRET=1")
+TORCH_IMPLS = ["absorbed", "shared", "reference"]
+ALL_IMPLS = TORCH_IMPLS + [pytest.param("fused", marks=needs_kernels)]
+
+
+def _randomise(module):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_ln_gain = name.startswith("ln_") and name.endswith("weight")
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_ln_gain else 0.0))
+
+
+def _make(d, heads, dtype=torch.float32, device="cpu"):
+    """Our pooler with random weights and the official module holding the same weights."""
+    ours = CrossAttentionPooler(d, d, n_head=heads)
+    _randomise(ours)
+    official = OfficialPooler(d, heads)
+    official.load_state_dict(ours.state_dict(), strict=True)     # same keys as the official module
+    return ours.to(device=device, dtype=dtype), official
+
+
+def _inputs(b, length, n, d, dtype=torch.float32, device="cpu", seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(b, length, d, generator=g, dtype=torch.float64)
+    q = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (ctx, q, w)]
+
+
+def _features_and_grads(fn, module, ctx, q, w):
+    """fn(module, ctx, q) and the gradients of <out, w> w.r.t. ctx, q and every parameter (by name)."""
+    ctx = ctx.detach().clone().requires_grad_()
+    q = q.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = fn(module, ctx, q)
+    (out.float() * w.float()).sum().backward()
+    grads = {"context": ctx.grad, "queries": q.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return out.detach(), grads
+
+
+def _op(impl):
+    return functools.partial(cross_pool, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every implementation against the official formulation
+# ---------------------------------------------------------------------------------------------
+FP64_CASES = [  # (B, L, n, D, heads)
+    pytest.param(3, 77, 8, 64, 8, id="text-L77-n8"),
+    pytest.param(5, 49, 8, 64, 8, id="image-L49-n8-oddB"),
+    pytest.param(2, 196, 1, 32, 8, id="image-L196-n1"),
+    pytest.param(1, 9, 3, 16, 2, id="tiny"),
+]
+
+
+@pytest.mark.parametrize("b,length,n,d,heads", FP64_CASES)
+@pytest.mark.parametrize("impl", TORCH_IMPLS)
+def test_equals_official_fp64(b, length, n, d, heads, impl):
+    """The PyTorch implementations (the kernel takes no fp64) in fp64: features and every gradient."""
+    ours, official = _make(d, heads, dtype=torch.float64)
+    ctx, q, w = _inputs(b, length, n, d, dtype=torch.float64)
+    out, grads = _features_and_grads(_op(impl), ours, ctx, q, w)
+    ref, ref_grads = _features_and_grads(official_features, official.double(), ctx, q, w)
+    assert_close(out, ref)
+    assert set(grads) == set(ref_grads) and len(grads) == 2 + 8   # ctx, q + every pooler parameter
+    for name, g in grads.items():
+        assert_close(g, ref_grads[name], grad=True, msg=name)
+
+
+FP32_CASES = [  # (B, L, n, D, heads): interpreter-sized
+    pytest.param(3, 77, 8, 64, 8, id="text-L77-n8-d8"),
+    pytest.param(5, 49, 8, 32, 4, id="image-L49-n8-oddB"),
+    pytest.param(2, 196, 1, 32, 2, id="image-L196-n1"),
+    pytest.param(1, 9, 3, 16, 2, id="tiny"),
+    pytest.param(2, 30, 20, 64, 2, id="n20-d32"),
+]
+
+
+@pytest.mark.parametrize("b,length,n,d,heads", FP32_CASES)
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_equals_official_fp32(b, length, n, d, heads, impl):
+    """Every implementation in fp32 (the fused one on CUDA, or interpreted) against the official
+    formulation in fp64."""
+    device = DEVICE if impl == "fused" else "cpu"
+    ours, official = _make(d, heads, device=device)
+    official = official.to(device)
+    ctx, q, w = _inputs(b, length, n, d, device=device)
+    out, grads = _features_and_grads(_op(impl), ours, ctx, q, w)
+    ref, ref_grads = _features_and_grads(official_features, official.double(), ctx.double(), q.double(),
+                                         w.double())
+    assert out.shape == (b, n, d) and out.dtype == torch.float32
+    assert_close(out, ref.float())
+    assert set(grads) == set(ref_grads) and len(grads) == 2 + 8
+    for name, g in grads.items():
+        r = ref_grads[name].float()
+        assert g is not None and g.dtype == torch.float32, name
+        assert_close(g, r, grad=True, atol=1e-5 * max(1.0, r.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_official_module_and_reference_impl_agree(dtype):
+    """The two spellings of the official formulation in reference/cross_pool.py: the
+    nn.MultiheadAttention module (OfficialPooler) and the op's "reference" implementation on a
+    CrossAttentionPooler's weights."""
+    ours, official = _make(32, 4, dtype=dtype)
+    official = official.to(dtype)
+    ctx, q, w = _inputs(3, 20, 5, 32, dtype=dtype)
+    out, grads = _features_and_grads(cross_pool_reference, ours, ctx, q, w)
+    ref, ref_grads = _features_and_grads(official_features, official, ctx, q, w)
+    assert_close(out, ref)
+    for name, g in grads.items():
+        assert_close(g, ref_grads[name], grad=True, msg=name)
+
+
+def test_pool_output_is_pre_residual_and_fp32_equal():
+    pooler = CrossAttentionPooler(64, 64)
+    _randomise(pooler)
+    ctx, q = torch.randn(4, 20, 64), torch.randn(4, 8, 64)
+    out = pooler(ctx, q)
+    assert_close(out, pool_repeat(pooler, ctx, q), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(F.normalize(out, dim=-1), cross_pool(pooler, ctx, q))
+
+
+def test_absorbed_production_width_fp32_and_key_bias_gradient():
+    """D = 512, 8 heads, n = 8 in fp32 against the repeat formulation; b_k has an exactly zero gradient
+    (the softmax is invariant to it), which the reference reproduces up to rounding."""
+    pooler = CrossAttentionPooler(512, 512, n_head=8)
+    _randomise(pooler)
+    torch.manual_seed(3)
+    ctx = torch.randn(3, 49, 512, requires_grad=True)
+    q = torch.randn(3, 8, 512, requires_grad=True)
+    w = torch.randn(3, 8, 512)
+    params = list(pooler.parameters())
+    got = cross_pool(pooler, ctx, q, impl="absorbed")
+    g_got = torch.autograd.grad((got * w).sum(), [ctx, q] + params)
+    want = cross_pool(pooler, ctx, q, impl="reference")
+    g_want = torch.autograd.grad((want * w).sum(), [ctx, q] + params)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["context", "queries"] + [n for n, _ in pooler.named_parameters()], g_got, g_want):
+        assert_close(a, b, rtol=1e-4, atol=2e-5 * b.abs().max().item(), msg=name)
+    bias_grad = g_got[2 + [n for n, _ in pooler.named_parameters()].index("attn.in_proj_bias")]
+    assert torch.count_nonzero(bias_grad[512:1024]) == 0 and torch.count_nonzero(bias_grad[:512]) > 0
+
+
+@pytest.mark.parametrize("impl", ["absorbed", pytest.param("fused", marks=needs_kernels)])
+def test_cpu_autocast_bf16_within_twice_shared_error(impl):
+    """Under autocast the projections give bf16 q/k/v: absorbed and fused stay within 2× the error of
+    the shared-K/V PyTorch path, against the fp32 shared path."""
+    device = DEVICE if impl == "fused" else "cpu"
+    ours, _ = _make(64, 4, device=device)
+    ctx, q, _ = _inputs(4, 30, 8, 64, device=device)
+    ref = cross_pool(ours, ctx, q, impl="shared")                            # fp32
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = cross_pool(ours, ctx, q, impl=impl)
+        shared = cross_pool(ours, ctx, q, impl="shared")
+    assert got.dtype == shared.dtype == torch.float32
+    assert max_err(got, ref) < 5e-2
+    assert_within_twice_torch_error(got, shared, ref, f"autocast bf16 {impl}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pooler module and the switch
+# ---------------------------------------------------------------------------------------------
+def test_pooler_rejects_other_context_width_and_bad_shapes():
+    with pytest.raises(ValueError, match="context_dim=32, d_model=64"):
+        CrossAttentionPooler(64, 32)
+    p = CrossAttentionPooler(16, 16, n_head=2)
+    with pytest.raises(ValueError, match="context batch 2 != queries batch 3"):
+        p(torch.randn(2, 5, 16), torch.randn(3, 1, 16))
+    with pytest.raises(ValueError, match="query width 8"):
+        p(torch.randn(2, 5, 16), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="CrossAttention runs impl.*got 'reference'"):
+        p(torch.randn(2, 5, 16), torch.randn(2, 1, 16), impl="reference")
+
+
+@pytest.mark.parametrize("impl", ["shared", "absorbed", pytest.param("fused", marks=needs_kernels)])
+def test_every_impl_validates_shapes(impl):
+    p = CrossAttentionPooler(16, 16, n_head=2).to(DEVICE)
+    with pytest.raises(ValueError, match="context batch 2 != queries batch 3"):
+        cross_pool(p, torch.randn(2, 5, 16, device=DEVICE), torch.randn(3, 1, 16, device=DEVICE), impl=impl)
+    with pytest.raises(ValueError, match="query width 8"):
+        cross_pool(p, torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE), impl=impl)
+
+
+def test_pooler_keys_and_init_order():
+    """The official state-dict keys in the official order, and nn.MultiheadAttention's initialisation
+    drawn in the order of the official module (in-projection, out-projection)."""
+    torch.manual_seed(0)
+    ours = CrossAttentionPooler(32, 32, n_head=4)
+    torch.manual_seed(0)
+    official = OfficialPooler(32, 4)
+    assert list(ours.state_dict()) == list(official.state_dict())
+    for (name, a), b in zip(ours.state_dict().items(), official.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_unknown_impl_is_rejected():
+    p = CrossAttentionPooler(16, 16, n_head=2)
+    with pytest.raises(ValueError, match="unknown cross_pool implementation 'fast'"):
+        cross_pool(p, torch.randn(1, 2, 16), torch.randn(1, 1, 16), impl="fast")
+
+
+def test_auto_picks_absorbed_when_it_saves_flops(monkeypatch):
+    monkeypatch.delenv("COSMOS_FAST_IMPL", raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_cross_pool_impl("auto", cpu, (8, 8, 512)) == "absorbed"      # COSMOS: n·H = 64 < 512
+    assert resolve_cross_pool_impl("auto", cpu, (8, 4, 32)) == "shared"         # n·H ≥ D: K/V is cheaper
+    assert resolve_cross_pool_impl("absorbed", cpu, (8, 4, 32)) == "absorbed"
+    assert resolve_cross_pool_impl("auto", torch.device("cuda", 0), (8, 8, 512)) == "shared"  # measured fastest
+    monkeypatch.setenv("COSMOS_FAST_IMPL", "reference")
+    assert resolve_cross_pool_impl("auto", cpu, (8, 8, 512)) == "reference"
+    assert resolve_cross_pool_impl("shared", cpu, (8, 8, 512)) == "shared"      # only "auto" is overridden
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton attention core alone
+# ---------------------------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b,h,n,length,d", [(2, 3, 8, 77, 8), (3, 2, 1, 70, 16), (1, 1, 17, 5, 40)],
+                         ids=["n8-d8", "n1-d16", "n17-d40"])
+def test_core_matches_softmax_attention(b, h, n, length, d, dtype):
+    """The attention core alone on strided (head-split) and contiguous layouts: o, lse, dq, dk, dv."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, n, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)   # strided, as split_heads
+    k = torch.randn(b, length, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    v = torch.randn(b, h, length, d, generator=g).to(DEVICE, dtype)               # contiguous
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q64 @ k64.transpose(-1, -2) / math.sqrt(d)
+    ref = torch.softmax(s, -1) @ v64
+    ref.backward(do.double())
+
+    o, lse = kc.cross_pool_attn_fwd(q, k, v)
+    dq, dk, dv = kc.cross_pool_attn_bwd(do, q, k, v, o, lse)
+    assert o.dtype == dq.dtype == dk.dtype == dv.dtype == dtype and lse.dtype == torch.float32
+    assert o.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    # fp32: accumulation order only (2× the table's fp32 bound); bf16: fp32 math on bf16 inputs,
+    # one rounding of each output (the table's bf16 bound)
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else {}
+    assert_close(lse.double(), torch.logsumexp(s, -1).detach(), rtol=2e-6, atol=2e-6)
+    for name, got, want in (("o", o, ref), ("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(got.double(), want.detach(), dtype=dtype, **tol, msg=name)
+
+
+@needs_kernels
+def test_output_layout_makes_head_merge_free():
+    q = torch.randn(2, 3, 4, 16, device=DEVICE).transpose(1, 2)
+    k = torch.randn(2, 7, 4, 16, device=DEVICE).transpose(1, 2)
+    o = kc.cross_pool_attn(q, k, k)
+    merged = o.transpose(1, 2).reshape(2, 3, 64)
+    assert merged.data_ptr() == o.data_ptr() and merged.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: fake implementations, autograd, torch.compile
+# ---------------------------------------------------------------------------------------------
+@needs_kernels
+def test_opcheck_fwd_and_bwd_ops():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 2, 8, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 5, 2, 8, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 2, 5, 8, generator=g).to(DEVICE).requires_grad_()
+    res = torch.library.opcheck(torch.ops.cosmos_fast.cross_pool_attn_fwd.default, (q, k, v, 0.3))
+    assert set(res.values()) == {"SUCCESS"}, res
+    o, lse = kc.cross_pool_attn_fwd(q.detach(), k.detach(), v.detach(), 0.3)
+    do = torch.randn(o.shape, generator=g).to(DEVICE)
+    res = torch.library.opcheck(torch.ops.cosmos_fast.cross_pool_attn_bwd.default,
+                                (do, q.detach(), k.detach(), v.detach(), o, lse, 0.3))
+    assert set(res.values()) == {"SUCCESS"}, res
+
+
+def test_fake_impl_gives_production_shapes():
+    """Shapes, strides and dtypes of both ops under FakeTensorMode at the ViT-B/16 image pooler size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, h, n, length, d = 64, 8, 8, 196, 64
+    with FakeTensorMode():
+        q = torch.empty(b, n, h * d, dtype=torch.bfloat16).view(b, n, h, d).transpose(1, 2)
+        kv = torch.empty(b, length, h * d, dtype=torch.bfloat16).view(b, length, h, d).transpose(1, 2)
+        o, lse = torch.ops.cosmos_fast.cross_pool_attn_fwd(q, kv, kv, 0.125)
+        dq, dk, dv = torch.ops.cosmos_fast.cross_pool_attn_bwd(o, q, kv, kv, o, lse, 0.125)
+    assert o.shape == (b, h, n, d) and o.dtype == torch.bfloat16
+    assert o.stride() == (n * h * d, d, h * d, 1)                     # (B, n, H, d) buffer, transposed
+    assert lse.shape == (b, h, n) and lse.dtype == torch.float32
+    assert dq.shape == (b, h, n, d) and dk.shape == dv.shape == (b, h, length, d)
+    assert dk.stride() == (length * h * d, d, h * d, 1) and dk.dtype == torch.bfloat16
+
+
+@needs_kernels
+def test_torch_compile_traces_fused_pooler():
+    ours, _ = _make(32, 4, device=DEVICE)
+    ctx, q, w = _inputs(3, 11, 8, 32, device=DEVICE)
+    compiled = torch.compile(_op("fused"), backend="aot_eager", fullgraph=True)
+    out, grads = _features_and_grads(_op("fused"), ours, ctx, q, w)
+    out_c, grads_c = _features_and_grads(compiled, ours, ctx, q, w)
+    assert_close(out_c, out, rtol=1e-6, atol=1e-7)
+    for name in grads:
+        assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_fused_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = CrossAttentionPooler(16, 16, n_head=2)
+    with pytest.raises(RuntimeError, match="impl='fused'.*needs CUDA tensors"):
+        cross_pool(p, torch.randn(1, 4, 16), torch.randn(1, 2, 16), impl="fused")
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
+        kc.cross_pool_attn_fwd(q, q, q)
+
+
+def test_launchers_validate_inputs():
+    q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(ValueError, match="4-D"):
+        kc.cross_pool_attn_fwd(q[0], k, k)
+    with pytest.raises(ValueError, match="equal B, H, d"):
+        kc.cross_pool_attn_fwd(q, torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4))
+    with pytest.raises(ValueError, match="equal B, H, d"):
+        kc.cross_pool_attn_fwd(q, k, torch.randn(2, 2, 6, 8))
+    with pytest.raises(ValueError, match="one dtype"):
+        kc.cross_pool_attn_fwd(q.double(), k.double(), k.double())
+    with pytest.raises(ValueError, match="one dtype"):
+        kc.cross_pool_attn_fwd(q, k.half(), k)
+    with pytest.raises(ValueError, match=r"queries per sample must be in \[1, 128\]"):
+        kc.cross_pool_attn_fwd(torch.randn(1, 1, 129, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+    with pytest.raises(ValueError, match="at least one key"):
+        kc.cross_pool_attn_fwd(q, torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8))
+    o, lse = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3)
+    with pytest.raises(ValueError, match="lse must be fp32"):
+        kc.cross_pool_attn_bwd(o, q, k, k, o, lse.double())
+    with pytest.raises(ValueError, match="do and o must have q's shape"):
+        kc.cross_pool_attn_bwd(o[:, :, :2], q, k, k, o, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16 equality (flash-attention's rule), production shapes, head dim 8, inductor
+# ---------------------------------------------------------------------------------------------
+GPU_CASES = [  # (B, L, n, D, heads)
+    pytest.param(3, 196, 8, 512, 8, id="vitb16-image-L196-n8"),
+    pytest.param(5, 77, 8, 512, 8, id="text-L77-n8-oddB"),
+    pytest.param(4, 49, 8, 512, 8, id="vitb32-image-L49-n8"),
+    pytest.param(3, 196, 1, 512, 8, id="image-L196-n1"),
+    pytest.param(3, 77, 1, 512, 8, id="text-L77-n1"),
+    pytest.param(5, 77, 8, 64, 8, id="headdim8-n8"),
+    pytest.param(2, 49, 1, 64, 8, id="headdim8-n1"),
+    pytest.param(2, 33, 20, 128, 2, id="n20-d64"),
+]
+GPU_IMPLS = ["fused", "absorbed"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("b,length,n,d,heads", GPU_CASES)
+def test_gpu_fp32_equals_official(b, length, n, d, heads, impl):
+    ours, official = _make(d, heads, device="cuda")
+    official = official.cuda()
+    ctx, q, w = _inputs(b, length, n, d, device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out, grads = _features_and_grads(_op(impl), ours, ctx, q, w)
+        ref, ref_grads = _features_and_grads(official_features, official.double(), ctx.double(),
+                                             q.double(), w.double())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert_close(out, ref.float(), rtol=1e-4, atol=1e-5)
+    for name, g in grads.items():
+        r = ref_grads[name].float()
+        assert_close(g, r, rtol=1e-3, atol=1e-4 * max(1.0, r.abs().max().item()), msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("b,length,n,d,heads", GPU_CASES)
+def test_gpu_bf16_error_within_twice_torch_bf16(b, length, n, d, heads, impl):
+    """Error vs an fp32 reference ≤ 2× the error of the bf16 torch path (tests/utils.py's rule)."""
+    ours, official = _make(d, heads, device="cuda")
+    ours_bf16 = ours.to(torch.bfloat16)
+    official_bf16 = OfficialPooler(d, heads).cuda().to(torch.bfloat16)
+    official_bf16.load_state_dict(ours_bf16.state_dict(), strict=True)
+    official_fp32 = OfficialPooler(d, heads).cuda()
+    official_fp32.load_state_dict(ours_bf16.state_dict(), strict=True)     # the same bf16-rounded weights
+    ctx, q, w = _inputs(b, length, n, d, dtype=torch.bfloat16, device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref, ref_g = _features_and_grads(official_features, official_fp32, ctx.float(), q.float(), w)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    out, g = _features_and_grads(_op(impl), ours_bf16, ctx, q, w)
+    base, base_g = _features_and_grads(official_features, official_bf16, ctx, q, w)
+    assert out.dtype == torch.bfloat16
+    for name, got, torch_path, want in [("features", out, base, ref)] + [
+            (k, g[k], base_g[k], ref_g[k]) for k in ref_g]:
+        assert_within_twice_torch_error(got, torch_path, want, f"{impl} {name}")
+
+
+@needs_cuda
+def test_gpu_inductor_compile_matches_eager():
+    ours, _ = _make(512, 8, device="cuda", dtype=torch.bfloat16)
+    ctx, q, w = _inputs(4, 196, 8, 512, dtype=torch.bfloat16, device="cuda")
+    out, grads = _features_and_grads(_op("fused"), ours, ctx, q, w)
+    out_c, grads_c = _features_and_grads(torch.compile(_op("fused")), ours, ctx, q, w)
+    assert_close(out_c, out, rtol=2e-2, atol=2e-2)
+    for name in grads:
+        r = grads[name].float()
+        assert_close(grads_c[name].float(), r, rtol=5e-2, atol=2e-2 * max(1.0, r.abs().max().item()), msg=name)
