@@ -6,20 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils import TINY_MODEL_16
+
 from cosmos_fast import CheckpointMismatchError, create_model, load_checkpoint, save_checkpoint
 from cosmos_fast.model import checkpoint as ckpt_mod
-
-SMALL = {"embed_dim": 16,
-         "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "head_width": 8},
-         "text_cfg": {"context_length": 6, "vocab_size": 20, "width": 16, "heads": 2, "layers": 1}}
 
 
 @pytest.fixture
 def pair():
     torch.manual_seed(0)
-    student = create_model(SMALL)
+    student = create_model(TINY_MODEL_16)
     torch.manual_seed(1)
-    teacher = create_model(SMALL)
+    teacher = create_model(TINY_MODEL_16)
     return student, teacher
 
 
@@ -38,7 +36,7 @@ def test_round_trip_official_format(tmp_path, pair):
     assert not any(k.startswith("module.") for k in body["teacher"])
     assert list(body["teacher"]) == list(teacher.state_dict())
     for which, ref in (("student", student), ("teacher", teacher)):
-        m = create_model(SMALL)
+        m = create_model(TINY_MODEL_16)
         meta = load_checkpoint(path, m, which=which)
         assert _equal(m, ref)
         assert meta["epoch"] == 3
@@ -51,7 +49,7 @@ def test_state_dict_inputs_and_prefix_normalised(tmp_path, pair):
     path = save_checkpoint(tmp_path / "c.pt", prefixed, teacher.state_dict(), epoch=0)
     body = torch.load(path, weights_only=True)
     assert not any(k.startswith("module.module.") for k in body["student"])
-    m = create_model(SMALL)
+    m = create_model(TINY_MODEL_16)
     load_checkpoint(path, m, which="student")
     assert _equal(m, student)
 
@@ -60,7 +58,7 @@ def test_state_dict_inputs_and_prefix_normalised(tmp_path, pair):
 def test_bare_state_dict(tmp_path, pair, prefix):
     student, _ = pair
     torch.save({prefix + k: v for k, v in student.state_dict().items()}, tmp_path / "bare.pt")
-    m = create_model(SMALL)
+    m = create_model(TINY_MODEL_16)
     assert load_checkpoint(tmp_path / "bare.pt", m) == {}
     assert _equal(m, student)
 
@@ -71,7 +69,7 @@ def test_prefix_on_some_keys_only(tmp_path, pair):
     sd = student.state_dict()
     mixed = {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(sd.items())}
     torch.save({"epoch": 1, "student": mixed, "teacher": sd}, tmp_path / "mixed.pt")
-    m = create_model(SMALL)
+    m = create_model(TINY_MODEL_16)
     load_checkpoint(tmp_path / "mixed.pt", m, which="student")
     assert _equal(m, student)
 
@@ -79,7 +77,7 @@ def test_prefix_on_some_keys_only(tmp_path, pair):
 def test_two_model_file_needs_which(tmp_path, pair):
     path = save_checkpoint(tmp_path / "c.pt", *pair, epoch=1)
     with pytest.raises(ValueError, match="which='student' or which='teacher'"):
-        load_checkpoint(path, create_model(SMALL))
+        load_checkpoint(path, create_model(TINY_MODEL_16))
 
 
 def test_mismatch_is_refused_with_keys(tmp_path, pair):
@@ -89,7 +87,7 @@ def test_mismatch_is_refused_with_keys(tmp_path, pair):
     sd["extra.weight"] = torch.zeros(2)
     sd["text_projection"] = torch.zeros(3, 3)
     torch.save({"epoch": 1, "student": student.state_dict(), "teacher": sd}, tmp_path / "bad.pt")
-    m = create_model(SMALL)
+    m = create_model(TINY_MODEL_16)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(CheckpointMismatchError) as e:
         load_checkpoint(tmp_path / "bad.pt", m, which="teacher")
@@ -122,7 +120,7 @@ def test_namespace_file_loads_without_full_unpickling(tmp_path, pair, caplog):
     student, teacher = pair
     torch.save({"epoch": 1, "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "args": argparse.Namespace(lr=1.0)}, tmp_path / "legacy.pt")
-    m = create_model(SMALL)
+    m = create_model(TINY_MODEL_16)
     with caplog.at_level(logging.WARNING):
         meta = load_checkpoint(tmp_path / "legacy.pt", m, which="teacher")
     assert "unpickling" not in caplog.text
@@ -135,9 +133,9 @@ def test_unknown_object_refused_unless_trusted(tmp_path, pair, caplog):
     torch.save({"epoch": 1, "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "extra": {"x": collections.Counter, "y": getattr(Path, "touch")}}, tmp_path / "odd.pt")
     with pytest.raises(ckpt_mod.UntrustedCheckpointError, match="--trust-checkpoint") as e:
-        load_checkpoint(tmp_path / "odd.pt", create_model(SMALL), which="teacher")
+        load_checkpoint(tmp_path / "odd.pt", create_model(TINY_MODEL_16), which="teacher")
     assert str(tmp_path / "odd.pt") in str(e.value) and "builtins.getattr" in str(e.value)
-    m = create_model(SMALL)
+    m = create_model(TINY_MODEL_16)
     with caplog.at_level(logging.WARNING):
         meta = load_checkpoint(tmp_path / "odd.pt", m, which="teacher", trust=True)
     assert meta["extra"]["y"] is Path.touch and _equal(m, teacher) and not marker.exists()
@@ -146,6 +144,6 @@ def test_unknown_object_refused_unless_trusted(tmp_path, pair, caplog):
 
 def test_missing_file_and_wrong_epoch(tmp_path, pair):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        load_checkpoint(tmp_path / "nope.pt", create_model(SMALL), which="student")
+        load_checkpoint(tmp_path / "nope.pt", create_model(TINY_MODEL_16), which="student")
     with pytest.raises(TypeError, match="epoch"):
         save_checkpoint(tmp_path / "x.pt", *pair, epoch="1")

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
 from utils import assert_close, assert_within_twice_torch_error
 
 import cosmos_fast.ops.contrastive as contrastive

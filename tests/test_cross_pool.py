@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from utils import assert_close, assert_within_twice_torch_error, max_err
 
 from cosmos_fast.kernels import cross_pool as kc

@@ -3,13 +3,11 @@ import math
 import pytest
 import torch
 
+from utils import TINY_MODEL_16
+
 from cosmos_fast import CosmosLoss, MomentumSchedule, build_teacher, clamp_logit_scales, create_model, ema_update
 from cosmos_fast.optim import build_adamw
 from cosmos_fast.step import cosmos_train_step
-
-SMALL = {"embed_dim": 16,
-         "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "head_width": 8},
-         "text_cfg": {"context_length": 6, "vocab_size": 20, "width": 16, "heads": 2, "layers": 1}}
 
 
 def _batch(b=3):
@@ -22,7 +20,7 @@ def _batch(b=3):
 
 
 def test_build_teacher_is_frozen_fp32_copy():
-    student = create_model(SMALL).to(torch.bfloat16)
+    student = create_model(TINY_MODEL_16).to(torch.bfloat16)
     teacher = build_teacher(student)
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
@@ -33,7 +31,7 @@ def test_build_teacher_is_frozen_fp32_copy():
 
 def test_ema_update_formula():
     torch.manual_seed(0)
-    student, teacher = create_model(SMALL), create_model(SMALL)
+    student, teacher = create_model(TINY_MODEL_16), create_model(TINY_MODEL_16)
     before = {n: p.clone() for n, p in teacher.named_parameters()}
     ema_update(teacher, student, 0.9)
     s = dict(student.named_parameters())
@@ -42,7 +40,7 @@ def test_ema_update_formula():
 
 
 def test_fp32_teacher_moves_with_bf16_student():
-    student = create_model(SMALL)
+    student = create_model(TINY_MODEL_16)
     teacher = build_teacher(student)
     with torch.no_grad():
         for p in student.parameters():
@@ -55,18 +53,18 @@ def test_fp32_teacher_moves_with_bf16_student():
 
 
 def test_ema_rejects_mismatched_models():
-    other = dict(SMALL, text_cfg=dict(SMALL["text_cfg"], layers=2))
+    other = dict(TINY_MODEL_16, text_cfg=dict(TINY_MODEL_16["text_cfg"], layers=2))
     with pytest.raises(ValueError, match="student-only"):
-        ema_update(create_model(SMALL), create_model(other), 0.99)
+        ema_update(create_model(TINY_MODEL_16), create_model(other), 0.99)
     with pytest.raises(ValueError, match="momentum"):
-        ema_update(create_model(SMALL), create_model(SMALL), 1.5)
+        ema_update(create_model(TINY_MODEL_16), create_model(TINY_MODEL_16), 1.5)
 
 
 @pytest.mark.parametrize("order", ["before_step", "after_step"])
 def test_ema_order_flag(order):
     torch.manual_seed(0)
-    student = create_model(SMALL)
-    teacher = create_model(SMALL)          # different weights, so the update is visible
+    student = create_model(TINY_MODEL_16)
+    teacher = create_model(TINY_MODEL_16)          # different weights, so the update is visible
     teacher.requires_grad_(False)
     t0 = {n: p.clone() for n, p in teacher.named_parameters()}
     s0 = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -102,7 +100,7 @@ def test_momentum_schedules():
 
 
 def test_clamp_logit_scales_on_both_models():
-    a, b = create_model(SMALL), create_model(SMALL)
+    a, b = create_model(TINY_MODEL_16), create_model(TINY_MODEL_16)
     with torch.no_grad():
         a.logit_scale.fill_(10.0)
         a.distill_logit_scale.fill_(-1.0)

@@ -3,16 +3,11 @@ import pytest
 import torch
 
 from conftest import FIXTURE
+from utils import assert_close
 
 from cosmos_fast import CosmosLoss, create_model, load_checkpoint
 from cosmos_fast.optim import build_adamw, param_groups
 from cosmos_fast.step import cosmos_train_step
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def close(a, b, rtol=RTOL, atol=ATOL):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_state_dict_layout_matches_official(official):
@@ -32,7 +27,7 @@ def test_student_forward(official, official_model, pool_impl):
         official_model.pool_impl = "auto"
     assert set(out) == set(official["student_out"])
     for k, v in official["student_out"].items():
-        close(out[k], v)
+        assert_close(out[k], v)
 
 
 def test_teacher_forward(official, official_model):
@@ -40,7 +35,7 @@ def test_teacher_forward(official, official_model):
     out = official_model(torch.cat(official["crops"][:2]), official["captions"][:2 * b])
     assert set(out) == set(official["teacher_out"])
     for k, v in official["teacher_out"].items():
-        close(out[k], v)
+        assert_close(out[k], v)
 
 
 IMPLS = ["reference", "blockwise", "fused"]     # fused runs under the Triton interpreter on CPU
@@ -51,16 +46,16 @@ def test_loss_value_and_gradients(official, impl):
     p = official["scale_params"].clone().requires_grad_(True)
     inputs = {k: [x.clone().requires_grad_(True) for x in v] for k, v in official["loss_inputs"].items()}
     out = CosmosLoss(impl)(logit_scale=p[0].exp(), distill_logit_scale=p[1].exp(), output_dict=True, **inputs)
-    close(out["distill_loss"], official["loss_out"]["distill_loss"])
-    close(out["clip_loss"], official["loss_out"]["clip_loss"])
+    assert_close(out["distill_loss"], official["loss_out"]["distill_loss"])
+    assert_close(out["clip_loss"], official["loss_out"]["clip_loss"])
     (out["distill_loss"] + out["clip_loss"]).backward()
-    close(p.grad, official["scale_grads"])
+    assert_close(p.grad, official["scale_grads"])
     for name, grads in official["loss_grads"].items():
         for i, (x, g) in enumerate(zip(inputs[name], grads)):
             if g is None:   # unused by the official loss (local crops in L_clip)
                 assert x.grad is None, f"{name}[{i}] should get no gradient"
             else:
-                close(x.grad, g)
+                assert_close(x.grad, g)
     for name in ("t_image_features", "t_text_features"):
         assert all(x.grad is None for x in inputs[name]), "the teacher must receive no gradient"
 
@@ -86,21 +81,21 @@ def test_one_full_training_step(official, impl):
     losses = cosmos_train_step(student, teacher, CosmosLoss(impl), opt, official["crops"], official["captions"],
                                momentum=step["momentum"], ema_order="before_step")
     loss_ref = step["loss"]
-    close(losses["distill_loss"], loss_ref["distill_loss"])
-    close(losses["clip_loss"], loss_ref["clip_loss"])
+    assert_close(losses["distill_loss"], loss_ref["distill_loss"])
+    assert_close(losses["clip_loss"], loss_ref["clip_loss"])
     assert set(grads) == set(step["student_grads"])
     for n, g in step["student_grads"].items():
-        close(grads[n].reshape(g.shape), g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-12)
+        assert_close(grads[n].reshape(g.shape), g, grad=True, atol=1e-5 * float(g.abs().max()) + 1e-12)
     after = student.state_dict()
     for n, ref in step["student_after"].items():
         g = step["student_grads"][n]
         # AdamW's first update is ~lr·sign(g): compare where g is well above rounding (our
         # shared-K/V pooling and the tiled loss sum in another order than the official code)
         solid = g.abs() > 1e-5 * g.abs().max()
-        close(after[n][solid], ref[solid])
+        assert_close(after[n][solid], ref[solid])
     t_after = teacher.state_dict()
     for n, ref in step["teacher_after"].items():
-        close(t_after[n], ref)
+        assert_close(t_after[n], ref)
 
 
 def test_official_parameter_groups(official_model):

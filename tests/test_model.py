@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils import assert_close
+
 from cosmos_fast import create_model
 from cosmos_fast.model.attention import attention, attention_backend, available_backends, resolve_backend
 from cosmos_fast.model.config import resolve_model_config
@@ -79,11 +81,9 @@ def _open_clip_pair(cfg):
 
 
 @torch.no_grad()
-def assert_towers_equal(ours, theirs, images, text, rtol, atol):
-    torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True),
-                               rtol=rtol, atol=atol)
-    torch.testing.assert_close(ours.encode_text(text), theirs.encode_text(text, normalize=True),
-                               rtol=rtol, atol=atol)
+def assert_towers_equal(ours, theirs, images, text, rtol=None, atol=None):
+    assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True), rtol=rtol, atol=atol)
+    assert_close(ours.encode_text(text), theirs.encode_text(text, normalize=True), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
@@ -95,7 +95,7 @@ def test_towers_equal_open_clip(backend):
     text[:, -1] = 49          # EOT (largest id) somewhere
     text[0, 5] = 49
     with attention_backend(backend):
-        assert_towers_equal(ours, theirs, images, text, rtol=1e-5, atol=1e-6)
+        assert_towers_equal(ours, theirs, images, text)
 
 
 def test_vit_b32_towers_equal_open_clip_at_224():
@@ -115,11 +115,11 @@ def test_attention_switch_sdpa_equals_math():
         qq, kk, vv = (q, k[:, :, :5], v[:, :, :5]) if causal else (q, k, v)
         a = attention(qq, kk, vv, causal=causal, backend="sdpa")
         b = attention(qq, kk, vv, causal=causal, backend="math")
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, b)
         ga = torch.autograd.grad(a.square().sum(), (q, k, v), allow_unused=True)
         gb = torch.autograd.grad(b.square().sum(), (q, k, v), allow_unused=True)
         for x, y in zip(ga, gb):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+            assert_close(x, y)
 
 
 def test_attention_switch_fallbacks_and_errors():
@@ -153,20 +153,19 @@ def test_student_forward_contract(small_model):
     out = small_model(crops, text, batch_size=3)
     for k in ("image_features", "text_features", "img_crossmodal_features", "txt_crossmodal_features"):
         assert out[k].shape == (24, 32), k
-        torch.testing.assert_close(out[k].norm(dim=-1), torch.ones(24))
+        assert_close(out[k].norm(dim=-1), torch.ones(24))
     assert torch.allclose(out["logit_scale"], torch.tensor(1 / 0.07))
     assert torch.allclose(out["distill_logit_scale"], torch.tensor(1 / 0.07))
     # crop-major: rows c·B..(c+1)·B-1 are crop c; the unimodal rows equal a per-crop tower call
     with torch.no_grad():
         ref = small_model.encode_image(crops[4])
-    torch.testing.assert_close(out["image_features"][12:15], ref, rtol=1e-5, atol=1e-6)
+    assert_close(out["image_features"][12:15], ref)
     # cross-modal features = norm(f + pooled) with contexts from global crop 0 / caption 0 only
     with torch.no_grad():
         f = small_model.visual(crops[5])
         _, tok = small_model.encode_text(text[:3], normalize=False, return_tokens=True)
         ctx = small_model.text_attn_cross_pool(small_model.text_token_mapping(tok), f[:, None])
-    torch.testing.assert_close(out["img_crossmodal_features"][15:18], F.normalize(f + ctx[:, 0], dim=-1),
-                               rtol=1e-5, atol=1e-6)
+    assert_close(out["img_crossmodal_features"][15:18], F.normalize(f + ctx[:, 0], dim=-1))
 
 
 def test_student_forward_uses_only_rows_needed(small_model):
@@ -235,7 +234,7 @@ def test_grad_checkpointing_same_gradients():
     ckpt = grads()
     assert plain.keys() == ckpt.keys()
     for n in plain:
-        torch.testing.assert_close(plain[n], ckpt[n], rtol=1e-5, atol=1e-7)
+        assert_close(plain[n], ckpt[n], atol=1e-7)
 
 
 @pytest.mark.parametrize("crops_fn,text_fn,match", [

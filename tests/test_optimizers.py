@@ -4,19 +4,18 @@ import importlib.util
 import pytest
 import torch
 
+from utils import TINY_MODEL_16
+
 from cosmos_fast import create_model
 from cosmos_fast.config import ConfigError, load_config, validate
 from cosmos_fast.distributed import build_optimizer
 
-SMALL = {"embed_dim": 16,
-         "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "head_width": 8},
-         "text_cfg": {"context_length": 6, "vocab_size": 20, "width": 16, "heads": 2, "layers": 1}}
 CUDA = torch.cuda.is_available()
 
 
 def steps(name, device, n=3):
     torch.manual_seed(0)
-    model = create_model(SMALL).to(device)
+    model = create_model(TINY_MODEL_16).to(device)
     cfg = load_config("tiny-cpu", [f"distributed.optimizer={name}", "optim.lr=0.01"])
     opt = build_optimizer(cfg, model)
     groups = {g["weight_decay"]: len(g["params"]) for g in opt.param_groups}
@@ -31,7 +30,7 @@ def steps(name, device, n=3):
 def test_torch_adamw_official_groups():
     _, groups = steps("torch_adamw", "cpu")
     assert set(groups) == {0.0, 0.1}          # tiny-cpu weight decay on >=2-D weights
-    assert sum(groups.values()) == len(list(create_model(SMALL).parameters()))
+    assert sum(groups.values()) == len(list(create_model(TINY_MODEL_16).parameters()))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("apex") is not None, reason="apex is installed here")
