@@ -174,7 +174,7 @@ def main(argv=None):
               f"{sp:>8s} {mr:>8s} "
               f"{r['max_rel_err_vs_truth']:8.1e}")
     if not args.no_csv and rows:
-        out = write_csv('contrastive', rows, device)
+        out = write_csv('contrastive', rows, device, case=("bench", "provider", "mode", "B", "D", "dtype"))
         print(f"\nwrote {out}")
         if args.record:
             record(out)

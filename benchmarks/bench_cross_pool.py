@@ -200,7 +200,8 @@ def main(argv=None):
     print()
     print_table(rows)
     if not args.no_csv and rows:
-        out = write_csv('cross_pool', rows, device)
+        out = write_csv('cross_pool', rows, device,
+                        case=("pooler", "L", "B", "n", "D", "heads", "dtype", "mode", "provider"))
         print(f"\nwrote {out}")
         if args.record:
             record(out)

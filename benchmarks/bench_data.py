@@ -224,7 +224,8 @@ def main(argv=None) -> int:
         print(f"{r['provider']:16s} {r['images_per_s']:9.1f} {r['images_per_s_p20']:7.1f} "
               f"{r['images_per_s_p80']:7.1f} {r['crops_per_s']:8.1f} {r['startup_s']:10.2f} "
               f"{r['ratio_vs_torchvision']!s:>13s}")
-    out = write_csv("data", rows, device)
+    out = write_csv("data", rows, device, case=("bench", "provider", "output_device", "threads", "batch_size",
+                                                "image_size", "crops_per_image", "steps", "warmup", "reps"))
     print(f"\nwrote {out}")
     if args.record:
         record(out)

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import json
 import os
 import statistics
@@ -69,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import add_record_arg, env_info, peak_memory, record  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, record, write_csv  # noqa: E402
 from cosmos_fast.ema import build_teacher  # noqa: E402
 from cosmos_fast.ops.contrastive import CosmosLoss  # noqa: E402
 from cosmos_fast.model import create_model  # noqa: E402
@@ -95,31 +94,6 @@ GPU_PEAK_TFLOPS = {
 def results_dir(arg: str | None = None) -> Path:
     """--results-dir, else $COSMOS_BENCH_RESULTS, else <repo>/bench_results."""
     return Path(arg or os.environ.get("COSMOS_BENCH_RESULTS") or REPO / "bench_results")
-
-
-def write_rows(bench: str, rows: list[dict], device: torch.device, root: Path) -> Path:
-    """Append rows to ``root/<bench>/<device>_<date>_<sha>.csv`` (harness.write_csv's layout and
-    columns, with a configurable root so tests do not write into the repository)."""
-    info = env_info(device)
-    out = Path(root) / bench / f"{info['device']}_{info['date']}_{info['commit']}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(info) + [k for k in rows[0] if k not in info]
-    for r in rows[1:]:
-        fields += [k for k in r if k not in fields]
-    new = not out.exists()
-    if not new:                                   # appending: keep the existing header's columns
-        with open(out, newline="") as fh:
-            header = next(csv.reader(fh), None)
-        if header and header != fields:
-            out = out.with_name(out.stem + f"_{int(time.time())}.csv")
-            new = True
-    with open(out, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, restval="")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**info, **r})
-    return out
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -457,7 +431,9 @@ def run(args) -> dict:
     root = results_dir(args.results_dir)
     out = {"rows": rows, "csv": None, "data_rows": [], "data_csv": None}
     if not args.no_csv:
-        out["csv"] = write_rows("train", rows, device, root)
+        out["csv"] = write_csv("train", rows, device, root=root,
+                               case=("model", "params", "B", "image_size", "local_size", "precision", "threads", "path",
+                                     "pool_impl", "loss_impl", "reps", "flop_method", "peak_source"))
         print(f"wrote {out['csv']}")
         if args.record:
             record(out["csv"])
@@ -480,7 +456,9 @@ def run(args) -> dict:
             r["loader_over_train"] = r["samples_per_s"] / fast_sps
         out["data_rows"] = drows
         if drows and not args.no_csv:
-            out["data_csv"] = write_rows("train_data", drows, device, root)
+            out["data_csv"] = write_csv("train_data", drows, device, root=root,
+                                        case=("backend", "batches_on", "workers", "B", "global_size", "local_size",
+                                              "samples", "model"))
             print(f"wrote {out['data_csv']}")
             if args.record:
                 record(out["data_csv"])

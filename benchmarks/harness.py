@@ -5,12 +5,21 @@
 * :func:`peak_memory` — extra peak memory of a call beyond what was live before it: the CUDA caching
   allocator's peak on GPU; on CPU a ``TorchDispatchMode`` that tracks every tensor storage created
   inside the call until it is freed (so it counts tensors saved for backward, not Python objects).
-* :func:`write_csv` — append rows to ``bench_results/<bench>/<device>_<date>_<sha>.csv``.
+* :func:`write_csv` — append rows to ``<results>/<bench>/<device>_<date>_<sha>.csv``, the one writer
+  of results: long format (one row per case and quantity), one unit per quantity (see below).
 * :func:`add_record_arg` / :func:`record` — ``--record``: name a run's CSV as its benchmark's headline
   in ``bench_results/manifest.json``, the runs ``benchmarks/report.py`` puts in the README.
 
 A comparison is a ratio measured in one process run; absolute times only mean something on the
 device that produced them.
+
+Results CSV: the columns ``device, torch, triton, cuda, commit, date`` (:func:`env_info`), then the
+benchmark's case columns (what was run: provider, batch size, ...), then ``quantity, value``. A
+quantity's name ends in its unit: times in milliseconds (``median_ms``, ``t_loss_ms``), memory and
+bytes on the wire in bytes (``peak_mem_bytes``, ``wire_bytes``); rates say so (``samples_per_s``,
+``eff_tflops``) and ratios, errors and counts have no unit. A row given in seconds (``_s``), MiB
+(``_mib``) or MB (``_mb``) is converted here, so every CSV holds one unit per quantity.
+``benchmarks/report.py`` reads the format back into one row per case.
 """
 from __future__ import annotations
 
@@ -30,6 +39,9 @@ from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench_results"
+LONG_COLUMNS = ("quantity", "value")
+# a unit word in a quantity's name → (the one unit it is stored in, factor)
+TO_STORED_UNIT = {"s": ("ms", 1e3), "mib": ("bytes", 2 ** 20), "mb": ("bytes", 1e6)}
 
 
 def _git_sha() -> str:
@@ -156,18 +168,60 @@ def peak_memory(fn, device: torch.device, setup=None) -> int:
     return mode.peak
 
 
-def write_csv(bench: str, rows: list[dict], device: torch.device) -> Path:
+def stored_quantity(name: str, value):
+    """(name, value) in the unit results are stored in: ``median_s`` 0.5 → ``median_ms`` 500.0,
+    ``peak_mib`` 2.0 → ``peak_bytes`` 2097152, ``wire_mb_x`` → ``wire_bytes_x``; rates (``_per_s``) and
+    names without a unit word are returned as they are, and so is an empty value (not measured)."""
+    words = name.split("_")
+    for i, word in enumerate(words):
+        if word in TO_STORED_UNIT and not (word == "s" and i and words[i - 1] == "per"):
+            unit, factor = TO_STORED_UNIT[word]
+            if value not in ("", None):
+                value = float(value) * factor
+                if unit == "bytes" and value.is_integer():
+                    value = int(value)
+            return "_".join(words[:i] + [unit] + words[i + 1:]), value
+    return name, value
+
+
+def long_rows(rows: list[dict], case: tuple[str, ...], env: tuple[str, ...]) -> list[dict]:
+    """Wide rows (one per case: ``env`` and ``case`` columns plus quantities) → one row per case and
+    quantity, in the stored unit; a quantity absent from a row but present in another is written
+    empty, as a wide table would hold it."""
+    quantities = []
+    for r in rows:
+        quantities += [k for k in r if k not in env and k not in case and k not in quantities]
+    out = []
+    for r in rows:
+        head = {k: r.get(k, "") for k in (*env, *case)}
+        for q in quantities:
+            name, value = stored_quantity(q, r.get(q, ""))
+            out.append({**head, "quantity": name, "value": value})
+    return out
+
+
+def write_csv(bench: str, rows: list[dict], device: torch.device, *, case: tuple[str, ...],
+              root: Path | None = None) -> Path:
+    """Append ``rows`` (one dict per case: the ``case`` columns and the measured quantities) to
+    ``root/<bench>/<device>_<date>_<sha>.csv`` in the long format of the module docstring; ``root``
+    defaults to ``bench_results/``. A file of the same name with other columns is not appended to: the
+    rows go to a new file with a time stamp in its name."""
     info = env_info(device)
-    out = RESULTS / bench / f"{info['device']}_{info['date']}_{info['commit']}.csv"
+    out = Path(root or RESULTS) / bench / f"{info['device']}_{info['date']}_{info['commit']}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(info) + [k for k in rows[0] if k not in info]
+    fields = [*info, *case, *LONG_COLUMNS]
     new = not out.exists()
+    if not new:
+        with open(out, newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if header != fields:
+            out = out.with_name(out.stem + f"_{int(time.time())}.csv")
+            new = True
     with open(out, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         if new:
             w.writeheader()
-        for r in rows:
-            w.writerow({**info, **r})
+        w.writerows(long_rows([{**info, **r} for r in rows], tuple(case), tuple(info)))
     return out
 
 

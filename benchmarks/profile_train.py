@@ -64,9 +64,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_train import results_dir, write_rows  # noqa: E402
+from benchmarks.bench_train import results_dir  # noqa: E402
 from benchmarks.comm_model import comm_volume  # noqa: E402
-from benchmarks.harness import env_info  # noqa: E402
+from benchmarks.harness import env_info, write_csv  # noqa: E402
 from cosmos_fast.profiling import PHASES, PhaseTimer  # noqa: E402
 
 _COLL = re.compile(r"^(gloo|nccl|mpi|ucc):(\w+)$")
@@ -377,9 +377,11 @@ def main(argv=None):
     print(text)
     print(f"run folder {out} ({time.perf_counter() - t0:.0f} s)")
     if not args.no_csv:
-        print("wrote", write_rows("profile_phases", phase_rows, device, root))
+        print("wrote", write_csv("profile_phases", phase_rows, device, root=root,
+                                  case=("world", "zero_stage", "B", "rank")))
         if comm_rows:
-            print("wrote", write_rows("profile_comm", comm_rows, device, root))
+            print("wrote", write_csv("profile_comm", comm_rows, device, root=root,
+                                    case=("world", "zero_stage", "B", "rank", "category", "collective")))
     return 0
 
 

@@ -5,7 +5,9 @@ Each benchmark folder ``<results>/<bench>/`` gets one table per device: the head
 smoke run never replaces a recorded table. Only a benchmark absent from the manifest falls back to
 its newest CSV per device (date in the name, then modification time), and the README says so.
 Tables show device, date, commit and versions, the columns that matter for that benchmark, and
-its ratios against the reference. Every CSV gets a plot beside it (same name, ``.png``), drawn
+its ratios against the reference. The CSVs are in ``benchmarks/harness.py``'s long format (one row
+per case and quantity, one unit per quantity); :func:`read_csv` turns them back into one row per
+case, with the few quantities that a table shows in another unit converted (:data:`SHOWN_AS`). Every CSV gets a plot beside it (same name, ``.png``), drawn
 with matplotlib's default style and no version metadata, so the same CSVs give the same bytes.
 Nothing is measured here.
 
@@ -25,6 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = "manifest.json"
 ENV = ("device", "torch", "triton", "cuda", "commit", "date")
+LONG_COLUMNS = ("quantity", "value")        # benchmarks/harness.py's long format
+# bench -> {stored quantity: (column the table shows, factor)}: the unit these tables have always used
+SHOWN_AS = {
+    "contrastive": {"median_ms": ("median_s", 1e-3), "p20_ms": ("p20_s", 1e-3), "p80_ms": ("p80_s", 1e-3)},
+    "cross_pool": {"peak_bytes": ("peak_mib", 2 ** -20)},
+    "train": {"peak_bytes": ("peak_mib", 2 ** -20)},
+    "data": {"startup_ms": ("startup_s", 1e-3)},
+    "scaling": {"wire_bytes": ("wire_mb", 1e-6)},
+}
 PHASES = ("data_wait", "student_forward", "teacher_forward", "loss", "backward", "ema", "optimizer")
 
 # bench -> (columns shown, ratio columns, row filter, plot kind)
@@ -102,8 +113,26 @@ def color_for(name: str, known: dict = PROVIDER_COLORS) -> str:
 
 # ----------------------------------------------------------------------------- reading
 def read_csv(path: Path) -> list[dict]:
+    """One dict per case (the environment and case columns, then every quantity in order) from a
+    long-format results CSV, with :data:`SHOWN_AS`'s quantities of its benchmark (the folder name)
+    in the unit the table shows."""
+    path = Path(path)
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        long = list(csv.DictReader(fh))
+    shown = SHOWN_AS.get(path.parent.name, {})
+    rows, quantities = [], []
+    for r in long:
+        head = {k: v for k, v in r.items() if k not in LONG_COLUMNS}
+        name, value = r["quantity"], r["value"]
+        if name in shown:
+            name, factor = shown[name]
+            value = "" if value == "" else repr(float(value) * factor)
+        if not rows or rows[-1][0] != head or name in rows[-1][1]:
+            rows.append((head, {}))
+        rows[-1][1][name] = value
+        if name not in quantities:
+            quantities.append(name)
+    return [{**head, **{q: values.get(q, "") for q in quantities}} for head, values in rows]
 
 
 def _device_of(p: Path) -> str:

@@ -53,9 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_train import results_dir, write_rows  # noqa: E402
+from benchmarks.bench_train import results_dir  # noqa: E402
 from benchmarks.comm_model import CATEGORIES, comm_volume  # noqa: E402
-from benchmarks.harness import env_info  # noqa: E402
+from benchmarks.harness import env_info, write_csv  # noqa: E402
 from benchmarks.profile_train import demo_shards, launch  # noqa: E402
 
 OVERLAPPABLE = ("grad_reduce", "zero3_param_gather")
@@ -315,7 +315,9 @@ def main(argv=None):
     if args.no_csv:
         return 0
     root = results_dir(args.results_dir)
-    csv_path = write_rows("scaling", measured + proj, device, root)
+    csv_path = write_csv("scaling", measured + proj, device, root=root,
+                         case=("kind", "model", "gpus", "nodes", "zero_stage", "B", "global_batch", "threads_per_rank",
+                               "ib", "overlap", "compute_source", "volume_source"))
     md = csv_path.with_suffix(".md")
     write_report(md, info, measured, [r for r in proj if r["gpus"] in PROJECT_GPUS], comm, notes)
     try:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from .config import Config, save_config, validate
-from .data.captions import Tokenizer
 from .device import resolve_device
 from .data.loader import StreamSpec, expand_shards, steps_per_epoch
 from .ema import MomentumSchedule, build_teacher
+from .eval import evaluate_models, format_results, load_eval_sets, load_shard_retrieval_set, log_to_tensorboard
 from .ops.contrastive import CosmosLoss
 from .model import create_model, set_attention_backend
 from .distributed import (activation_bytes, clamp_scales_zero, deepspeed_config, ema_update_zero,
@@ -581,34 +581,26 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ eval
-    def _val_set(self):
-        if self._val is None:
-            from .data.transforms import eval_transform
-            from .eval.retrieval import load_retrieval_shards
-
-            images, captions, owner = load_retrieval_shards(expand_shards(self.cfg.data.val_shards))
-            tf = eval_transform(self.cfg.data.global_size or self.student.cfg.vision_cfg.image_size)
-            tok = Tokenizer("ViT-B-16", self.student.cfg.text_cfg.context_length)
-            self._val = (torch.stack([tf(im) for im in images]), tok(captions), owner)
-        return self._val
-
     def evaluate(self) -> dict:
-        """Image↔text retrieval on data.val_shards for student and teacher."""
-        from .eval.retrieval import retrieval_eval
-
-        images, tokens, owner = self._val_set()
-        bs = self.cfg.data.eval_batch_size
+        """Image↔text retrieval on data.val_shards for student and teacher: ``{model: {i2t_r{1,5,10},
+        t2i_r{1,5,10}, n_images, n_texts}}``. The evaluator of ``cosmos-fast eval --val-shards``; every
+        rank encodes the whole set (as many forwards on every rank, so ZeRO-3 gathers stay in step)."""
+        if self._val is None:
+            self._val = load_shard_retrieval_set(self.cfg.data.val_shards)
+        keep = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10", "n_images", "n_texts")
         results = {}
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             with gathered(model, self.stage == 3):          # every rank takes part under ZeRO-3
-                results[name] = retrieval_eval(model, images, tokens, owner, bs)
+                metrics = evaluate_models(
+                    {name: model}, sets=[self._val], batch_size=self.cfg.data.eval_batch_size, num_workers=0,
+                    image_size=self.cfg.data.global_size or self.student.cfg.vision_cfg.image_size,
+                    device=self.device, distributed=False, progress=False)[name][self._val.name]
+            results[name] = {k: metrics[k] for k in keep}
         return results
 
     def zero_shot_eval(self) -> dict | None:
         """COCO / Flickr30k retrieval and ImageNet (and SUN397) zero-shot classification of student
         and teacher, on every rank (features sharded and gathered); rank 0 writes zero_shot.jsonl."""
-        from .eval import evaluate_models, format_results, load_eval_sets, log_to_tensorboard
-
         e = self.cfg.eval
         if not (e.retrieval_root or e.imagenet_val or e.sun397_root):
             return None

@@ -33,8 +33,8 @@ def one_thread():
 
 
 def _read(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    """One row per case from a results CSV (the long format read back as the report reads it)."""
+    return report.read_csv(path)
 
 
 # ----------------------------------------------------------------------------- bench_train
@@ -198,12 +198,40 @@ def test_collective_classification_and_factors():
 
 
 # ----------------------------------------------------------------------------- report
-def _write(path, rows):
+def _write(path, rows, case):
+    """``rows`` (one dict per case, environment included) as harness.write_csv writes them."""
+    from benchmarks.harness import LONG_COLUMNS, long_rows
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=[*report.ENV, *case, *LONG_COLUMNS])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(long_rows(rows, case, report.ENV))
+
+
+def test_results_csv_is_long_with_one_unit_per_quantity(tmp_path):
+    """write_csv stores one row per case and quantity, times in ms and memory in bytes whatever unit a
+    benchmark reported; read_csv gives the rows back (in the unit the README table shows)."""
+    from benchmarks import harness
+
+    rows = [{"provider": "reference", "B": 8, "median_s": 0.25, "peak_mib": 3.0, "wire_mb_grad": 2.0,
+             "samples_per_s": 32.0, "speedup_vs_ref": 1.0},
+            {"provider": "fast", "B": 8, "median_s": 0.125, "peak_mib": 1.5, "wire_mb_grad": 2.0,
+             "samples_per_s": 64.0, "speedup_vs_ref": 2.0}]
+    path = harness.write_csv("cross_pool", rows, torch.device("cpu"), case=("provider", "B"), root=tmp_path)
+    long = list(csv.DictReader(open(path, newline="")))
+    assert list(long[0]) == [*report.ENV, "provider", "B", "quantity", "value"]
+    assert len(long) == 2 * 5
+    got = {(r["provider"], r["quantity"]): float(r["value"]) for r in long}
+    assert got[("fast", "median_ms")] == 125.0 and got[("fast", "peak_bytes")] == 1.5 * 2 ** 20
+    assert got[("fast", "wire_bytes_grad")] == 2e6 and got[("fast", "samples_per_s")] == 64.0
+    assert {q for _, q in got} == {"median_ms", "peak_bytes", "wire_bytes_grad", "samples_per_s", "speedup_vs_ref"}
+    back = report.read_csv(path)                                    # cross_pool's table shows peak_mib
+    assert [r["provider"] for r in back] == ["reference", "fast"]
+    assert float(back[1]["peak_mib"]) == 1.5 and float(back[1]["median_ms"]) == 125.0
+    assert back[1]["speedup_vs_ref"] == "2.0" and back[0]["device"] == harness.env_info(torch.device("cpu"))["device"]
+    assert harness.write_csv("cross_pool", rows, torch.device("cpu"), case=("provider", "B"), root=tmp_path) == path
+    assert len(report.read_csv(path)) == 4                           # appended: two more cases
 
 
 def test_report_builds_readme_table_from_latest_csv(tmp_path):
@@ -213,10 +241,10 @@ def test_report_builds_readme_table_from_latest_csv(tmp_path):
     new = [{**env, "commit": "bbbbbbb", "date": "2026-02-01", "model": "tiny", "B": 2, "path": p, "median_ms": ms,
             "samples_per_s": 2 / ms * 1e3, **{f"t_{ph}_ms": 1.0 for ph in PHASES}, "peak_mib": 5.0, "mfu": 0.0123,
             "speedup_vs_ref": 200.0 / ms, "mem_ratio_vs_ref": 1.0} for p, ms in (("reference", 200.0), ("fast", 50.0))]
-    _write(tmp_path / "train" / "cpu-x86_64-2threads_2026-01-01_aaaaaaa.csv", old)
-    _write(tmp_path / "train" / "cpu-x86_64-2threads_2026-02-01_bbbbbbb.csv", new)
+    _write(tmp_path / "train" / "cpu-x86_64-2threads_2026-01-01_aaaaaaa.csv", old, ("model", "B", "path"))
+    _write(tmp_path / "train" / "cpu-x86_64-2threads_2026-02-01_bbbbbbb.csv", new, ("model", "B", "path"))
     _write(tmp_path / "mystery" / "gpu_2026-02-02_ccccccc.csv",
-           [{**env, "commit": "ccccccc", "date": "2026-02-02", "case": "x", "speedup_vs_ref": 3.0}])
+           [{**env, "commit": "ccccccc", "date": "2026-02-02", "case": "x", "speedup_vs_ref": 3.0}], ("case",))
     text = report.build_readme(tmp_path, plots=True)
     assert "## train" in text and "## mystery" in text
     assert "bbbbbbb" in text and "2026-02-01" in text and "aaaaaaa" not in text      # newest CSV only
@@ -268,10 +296,11 @@ def test_report_shows_recorded_headline_not_newest_csv(tmp_path, capsys):
         return [{**env, "commit": commit, "date": date, "B": b, "mode": "fwd", "provider": p, "median_s": s,
                  "speedup_vs_reference": 1.0 / s} for p, s in (("reference", 1.0), ("blockwise", 0.5))]
 
-    _write(tmp_path / "contrastive" / "cpu-x_2026-01-01_aaaaaaa.csv", rows("aaaaaaa", "2026-01-01", 2048))
-    _write(tmp_path / "contrastive" / "cpu-x_2026-02-01_bbbbbbb.csv", rows("bbbbbbb", "2026-02-01", 256))
-    _write(tmp_path / "cross_pool" / "cpu-x_2026-01-01_ccccccc.csv", rows("ccccccc", "2026-01-01", 8))
-    _write(tmp_path / "cross_pool" / "cpu-x_2026-02-01_ddddddd.csv", rows("ddddddd", "2026-02-01", 16))
+    case = ("B", "mode", "provider")
+    _write(tmp_path / "contrastive" / "cpu-x_2026-01-01_aaaaaaa.csv", rows("aaaaaaa", "2026-01-01", 2048), case)
+    _write(tmp_path / "contrastive" / "cpu-x_2026-02-01_bbbbbbb.csv", rows("bbbbbbb", "2026-02-01", 256), case)
+    _write(tmp_path / "cross_pool" / "cpu-x_2026-01-01_ccccccc.csv", rows("ccccccc", "2026-01-01", 8), case)
+    _write(tmp_path / "cross_pool" / "cpu-x_2026-02-01_ddddddd.csv", rows("ddddddd", "2026-02-01", 16), case)
     harness.record(tmp_path / "contrastive" / "cpu-x_2026-01-01_aaaaaaa.csv")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["headline"] == {"contrastive": {"cpu-x": "contrastive/cpu-x_2026-01-01_aaaaaaa.csv"}}

@@ -40,7 +40,11 @@ import torch
 
 from ..config import TRUST_CHECKPOINT_HELP
 from ..device import resolve_device
+from ..export import check_against, find_checkpoint, read_deepspeed, recorded_model
+from ..model import create_model
+from ..model.checkpoint import CheckpointMismatchError, select_state_dict, strip_prefix, torch_load
 from .datasets import RETRIEVAL_SETS, SPLITS
+from .evaluate import evaluate_models, format_results, load_eval_sets
 
 WEIGHTS = ("teacher", "student", "both")
 PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
@@ -95,12 +99,10 @@ def resolve_checkpoint(checkpoint=None, repo_id: str | None = None, filename: st
         return path, {"repo": repo_id, "file": filename, "revision": revision}
     if not checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint PATH or --huggingface-repo-name/--huggingface-model-name")
-    from ..export import find_checkpoint
-
     return find_checkpoint(checkpoint), None
 
 
-def resolve_model_config(value, checkpoint_name: str = "", recorded: str | None = None):
+def model_config_and_label(value, checkpoint_name: str = "", recorded: str | None = None):
     """(config for ``create_model``, label): a model name, or a JSON file holding a config dict.
 
     ``None`` takes the model the checkpoint records (``recorded``), else guesses from the file name
@@ -129,9 +131,6 @@ def resolve_model_config(value, checkpoint_name: str = "", recorded: str | None 
 def read_checkpoint(path, weights: Sequence[str] = ("teacher",), *, trust: bool = False):
     """The checkpoint body: a file's contents, or a DeepSpeed tag folder's ``teacher.pt`` plus (only
     when ``weights`` asks for it) the student consolidated from the ZeRO partitions."""
-    from ..export import read_deepspeed
-    from ..model.checkpoint import torch_load
-
     path = Path(path)
     if path.is_dir():
         return read_deepspeed(path, trust=trust, student="student" in weights)
@@ -148,10 +147,6 @@ def load_models(path, model_config, weights: Sequence[str] = ("teacher",), devic
     ``body`` is the file already read with :func:`read_checkpoint`. Weights that do not fit the model
     raise CheckpointMismatchError ending with the ``--model-config`` to pass.
     """
-    from ..export import check_against, recorded_model
-    from ..model import create_model
-    from ..model.checkpoint import select_state_dict, strip_prefix
-
     obj = read_checkpoint(path, weights, trust=trust) if body is None else body
     recorded = recorded_model(obj)
     two = isinstance(obj, Mapping) and (any(k in obj for k in ("student", "teacher"))
@@ -190,9 +185,6 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     ``eval_kwargs`` go to :func:`cosmos_fast.eval.evaluate.evaluate_models` (retrieval_root,
     retrieval_sets, split, imagenet_val, imagenet_classnames, sun397_root, batch_size, ...).
     """
-    from ..export import recorded_model
-    from .evaluate import evaluate_models, load_eval_sets
-
     if model not in WEIGHTS:
         raise ValueError(f"--model must be one of {WEIGHTS}, got {model!r}")
     split = eval_kwargs.get("split", "official")
@@ -203,7 +195,7 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     path, hf = resolve_checkpoint(checkpoint, huggingface_repo, huggingface_file, huggingface_revision)
     weights = ("student", "teacher") if model == "both" else (model,)
     body = read_checkpoint(path, weights, trust=trust_checkpoint)
-    cfg, label = resolve_model_config(model_config, path.name, recorded_model(body))
+    cfg, label = model_config_and_label(model_config, path.name, recorded_model(body))
     dev = resolve_device(device)
     models, meta = load_models(path, cfg, weights, dev, trust=trust_checkpoint, body=body)
     # the resolution the run trained and evaluated at (data.global_size), else the model's
@@ -275,9 +267,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_eval(args) -> int:
-    from ..model.checkpoint import CheckpointMismatchError
-    from .evaluate import format_results
-
     if args.batch_size < 1 or args.num_workers < 0:
         print("cosmos-fast eval: error: --batch-size must be >= 1 and --num-workers >= 0", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ Classification:
   SUN397 templates. Both differ possibly from the official ``label.json`` / ``templates.json``.
 
 Held-out webdataset shards (``data.val_shards``, what training evaluates) are read by
-:func:`load_shard_retrieval_set`.
+:func:`load_shard_retrieval_set` (through :func:`load_retrieval_shards`).
 
 Every reader fails with :class:`AnnotationError` (a ``ValueError``) naming the file and the field
 that is malformed, or ``FileNotFoundError`` naming the missing file (:class:`MissingAnnotationError`
@@ -42,6 +42,7 @@ when the annotation file itself is absent).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..data.captions import SampleError
+from ..data.loader import decode_image, expand_shards, missing_local_shards, parse_json
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("official", "karpathy")
@@ -275,14 +281,42 @@ def load_retrieval_set(name: str, root, split: str = "official") -> RetrievalSet
     raise ValueError(f"unknown retrieval set {name!r}; choose from {RETRIEVAL_SETS}")
 
 
+def load_retrieval_shards(urls, caption_key: str = "retrieval_captions"):
+    """(list of PIL images, list of captions, text→image index) from webdataset shards.
+
+    A sample whose json or image cannot be decoded (the training loader's rules: ``bad_json``,
+    ``corrupt_image``, ``unsupported_image_format``) is skipped with a log line naming shard and key; a
+    record without the jpg/json members or the caption list is an error naming the sample."""
+    from webdataset import tariterators
+
+    images, captions, owner = [], [], []
+    for url in urls:
+        files = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}]))
+        for sample in tariterators.group_by_keys(files):
+            key = sample.get("__key__")
+            if "json" not in sample or "jpg" not in sample:
+                raise ValueError(f"retrieval sample {key!r} in {url} lacks a jpg or json member")
+            try:
+                record = parse_json(sample["json"])
+                image = decode_image(sample["jpg"]).convert("RGB")
+            except SampleError as e:
+                log.warning("skipping retrieval sample %r in %s: %s (%s)", key, url, e.reason, e)
+                continue
+            caps = record.get(caption_key) if isinstance(record, dict) else None
+            if not isinstance(caps, list) or not caps:
+                raise ValueError(f"retrieval sample {key!r} in {url}: field {caption_key!r} must be a "
+                                 f"non-empty list of captions")
+            images.append(image)
+            captions += caps
+            owner += [len(images) - 1] * len(caps)
+    return images, captions, torch.tensor(owner)
+
+
 def load_shard_retrieval_set(pattern: str) -> RetrievalSet:
     """The held-out webdataset shards training evaluates (``data.val_shards``: a brace pattern, ``::``
     joins sources; json field ``retrieval_captions``), decoded into memory as a set named
     ``val_shards``. Local shards are checked to exist first: one error naming the pattern and how many
     of its files exist."""
-    from ..data.loader import expand_shards, missing_local_shards
-    from .retrieval import load_retrieval_shards
-
     urls = expand_shards(pattern)
     missing = missing_local_shards(urls)
     if missing:

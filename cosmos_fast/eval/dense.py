@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import unwrap
+from .sharding import unwrap
 
 
 def dense_features(model: nn.Module, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

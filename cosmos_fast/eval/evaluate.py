@@ -1,11 +1,13 @@
 """Zero-shot evaluation of one or more models: retrieval (COCO, Flickr30k) and classification
-(ImageNet, SUN397), standalone or inside training (cosmos_method.md §6.1-§6.4).
+(ImageNet, SUN397), standalone or inside training (cosmos_method.md §6.1-§6.4). The one evaluator:
+``cosmos-fast eval`` and the trainer's held-out (``data.val_shards``) and zero-shot evaluations all
+run :func:`evaluate_models`.
 
 Features are the unimodal L2-normalised embeddings (no poolers). Each data set is read once and
 every batch is fed to every model, so the features are computed once per model and shared by both
 retrieval directions. When ``torch.distributed`` is initialised (or ``distributed=True``) the images,
 captions and classes are split across ranks, encoded on all ranks and all-gathered, so every rank
-returns the same metrics (see :mod:`cosmos_fast.eval.distributed`); call it on every rank.
+returns the same metrics (see :mod:`cosmos_fast.eval.sharding`); call it on every rank.
 
 Results: ``{model_name: {dataset: {metric: value, ..., n_images, n_texts | n_classes, split, ...}}}``
 for :func:`evaluate_models`, ``{dataset: {...}}`` for :func:`evaluate_model`. Retrieval metrics:
@@ -21,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from ..data.captions import Tokenizer
 from ..data.loader import worker_loader_kwargs
+from ..data.transforms import eval_transform
 from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, MissingAnnotationError, RetrievalSet,
                        load_imagenet, load_retrieval_set, load_shard_retrieval_set, load_sun397)
-from .distributed import Shards, autocast, gathered_parameters, unwrap
 from .retrieval import retrieval_metrics
+from .sharding import Shards, autocast, gathered_parameters, unwrap
 from .zeroshot import build_classifiers, classification_metrics
 
 log = logging.getLogger(__name__)
@@ -50,8 +55,6 @@ def _inference(models: Mapping[str, nn.Module]):
 
 def _encode_images(models, paths, transform, shards: Shards, *, batch_size, num_workers, device, amp,
                    progress, desc) -> dict:
-    from tqdm import tqdm
-
     mine = shards.indices(len(paths))
     loader = DataLoader(ImageListDataset([paths[i] for i in mine], transform), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
@@ -68,8 +71,6 @@ def _encode_images(models, paths, transform, shards: Shards, *, batch_size, num_
 
 def _encode_texts(models, captions, tokenizer, shards: Shards, *, batch_size, device, amp, progress,
                   desc) -> dict:
-    from tqdm import tqdm
-
     mine = shards.indices(len(captions))
     parts = {name: [] for name in models}
     for s in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch",
@@ -135,9 +136,6 @@ def evaluate_models(models: Mapping[str, nn.Module], *, retrieval_root=None,
     runs the towers under autocast; features and metrics are fp32. ``sets`` may pass data sets
     already read with :func:`load_eval_sets` (periodic evaluation reads them once).
     """
-    from ..data.captions import Tokenizer
-    from ..data.transforms import eval_transform
-
     if isinstance(models, nn.Module) or not isinstance(models, Mapping) or not models:
         raise TypeError("models must be a non-empty {name: model} mapping (use evaluate_model for one model)")
     models = {name: unwrap(m) for name, m in models.items()}

@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from .distributed import Shards, autocast, unwrap
+from ..data.captions import Tokenizer
+from .sharding import Shards, autocast, unwrap
 
 LOGIT_SCALE = 100.0
 
@@ -42,8 +44,6 @@ def build_classifiers(models: Mapping[str, nn.Module], classnames: Sequence[str]
                       autocast_dtype=None, progress: bool = False, desc: str = "classifier") -> dict:
     """One (D, C) classifier per model. Classes are split across ranks (``shards``); each forward
     holds ``max(1, batch_size // T)`` classes' prompts."""
-    from tqdm import tqdm
-
     shards = shards or Shards(False)
     prompts = class_prompts(classnames, templates)
     n_t = len(templates)
@@ -69,8 +69,6 @@ def build_classifiers(models: Mapping[str, nn.Module], classnames: Sequence[str]
 def build_zero_shot_classifier(model: nn.Module, classnames: Sequence[str], templates: Sequence, tokenizer=None,
                                *, device=None, batch_size: int = 256, autocast_dtype=None) -> torch.Tensor:
     """Single-process (D, C) classifier for ``model``."""
-    from ..data.captions import Tokenizer
-
     m = unwrap(model)
     device = device or next(m.parameters()).device
     tokenizer = tokenizer or Tokenizer("ViT-B-16", m.context_length)

@@ -1,4 +1,7 @@
-"""Sharded encoding for evaluation inside a multi-rank run.
+"""How evaluation runs on every rank: the rank sharding of the items (:class:`Shards`), the model
+behind a DDP / DeepSpeed wrapper (:func:`unwrap`), the ZeRO-3 weights gathered for the evaluation
+(:func:`gathered_parameters`) and autocast (:func:`autocast`). DeepSpeed training itself is
+:mod:`cosmos_fast.distributed`.
 
 Every rank encodes a contiguous slice of the items and the slices are ``all_gather``ed, so every rank
 ends with the full feature matrix and computes the same metrics: there is no rank-0-only path, which
@@ -79,7 +82,7 @@ def gathered_parameters(model: nn.Module):
     if not params:
         yield
         return
-    import deepspeed
+    import deepspeed   # optional heavy dependency: only a ZeRO-3 partitioned model gets here
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
@@ -88,7 +91,7 @@ def gathered_parameters(model: nn.Module):
 def _needs_gather(p) -> bool:
     if not hasattr(p, "ds_id"):
         return False
-    from deepspeed.runtime.zero import partition_parameters as zp
+    from deepspeed.runtime.zero import partition_parameters as zp   # optional heavy dependency
 
     depth = getattr(p, getattr(zp, "DS_Z3_GATHERED_PARAM_CONTEXT_DEPTH_ATTR", "_ds_z3_gathered_param_context_depth"), 0)
     return p.ds_status == zp.ZeroParamStatus.NOT_AVAILABLE and not depth
