@@ -5,7 +5,8 @@ import contextlib
 
 import torch
 
-from .ema import EMA_ORDERS, clamp_logit_scales, ema_update
+from .config import EMA_ORDERS
+from .ema import clamp_logit_scales, ema_update
 from .profiling import NULL_TIMER
 
 

@@ -9,6 +9,7 @@ optimizer step), ``train.log``, ``tb/`` (TensorBoard), ``checkpoints/epoch_{n}.p
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -22,20 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, save_config, validate
+from .config import Config, ConfigError, save_config, validate
 from .data.captions import Tokenizer
 from .device import resolve_device
-from .data.loader import StreamSpec, expand_shards, steps_per_epoch
-from .ema import MomentumSchedule, build_teacher
+from .data import pil_hue
+from .data.loader import StreamSpec, check_pipe_urls, expand_shards, missing_local_shards, steps_per_epoch
+from .ema import build_teacher
 from .loss import CosmosLoss
 from .model import create_model, set_attention_backend
+from .model.config import resolve_model_config
 from .distributed import (activation_bytes, clamp_scales_zero, deepspeed_config, ema_update_zero,
                           free_memory_bytes, full_state_dict, gathered, init_distributed, load_full_state_dict,
                           memory_plan, partition_teacher, wants_deepspeed, build_optimizer)
 from .model.checkpoint import (atomic_torch_save, check_deepspeed_files, check_state_dict, save_checkpoint,
                                select_state_dict, strip_prefix, torch_load)
 from .model.cosmos import LOGIT_SCALE_MAX
-from .schedules import WarmupCosineLR
+from .schedules import MomentumSchedule, WarmupCosineLR
 from .profiling import PhaseTimer
 from .step import cosmos_forward_loss, cosmos_train_step
 
@@ -155,6 +158,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_config(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_files: bool = False) -> list[str]:
+    """The start-up checks, before any data is read: :func:`cosmos_fast.config.validate` (what the
+    values alone show), then what needs the package and the machine (the model name resolves, the
+    patch size divides the crops, numba / apex / CUDA are there, the shard URLs are allowed and, with
+    ``check_files``, every local shard exists, every worker gets a shard). Returns the notes."""
+    notes = validate(cfg, world_size)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    d, t = cfg.data, cfg.train
+    try:
+        mcfg = resolve_model_config(cfg.model.name)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.name: {err}") from None
+    if d.augment == "fused" and not pil_hue.available():
+        raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use 'pil' or 'auto'")
+    for path, value in (("eval.retrieval_root", cfg.eval.retrieval_root), ("eval.imagenet_val", cfg.eval.imagenet_val),
+                        ("eval.sun397_root", cfg.eval.sun397_root)):
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"config field {path} = {value!r} is not a folder")
+    if cfg.distributed.optimizer == "apex_fused_adam" and importlib.util.find_spec("apex") is None:
+        raise ConfigError("distributed.optimizer = apex_fused_adam but NVIDIA apex is not installed")
+    patch = mcfg.vision_cfg.patch_size
+    gsize = d.global_size or mcfg.vision_cfg.image_size
+    for path, size in (("data.global_size", gsize), ("data.local_size", d.local_size)):
+        if size % patch:
+            raise ConfigError(f"config field {path} = {size} is not a multiple of the patch size {patch}")
+    if t.precision != "fp32" and not cuda:
+        raise ConfigError(f"config field train.precision = {t.precision!r} needs CUDA; use fp32 on CPU")
+    if t.device.startswith("cuda") and not cuda:
+        raise ConfigError(f"config field train.device = {t.device!r} but CUDA is not available")
+    n_shards = len(expand_shards(d.train_shards))
+    for field_name, shards in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
+        urls = expand_shards(shards) if shards else []
+        try:
+            check_pipe_urls(urls, d.allow_pipe, field_name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        missing = missing_local_shards(urls) if check_files else []
+        if missing:
+            raise ConfigError(f"config field {field_name} = {shards!r} matches {len(urls) - len(missing)} of "
+                              f"{len(urls)} local files; missing: {', '.join(missing[:3])}"
+                              f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    workers = max(1, d.num_workers)
+    if not d.resampled and n_shards < workers * world_size:
+        raise ConfigError(f"data.train_shards has {n_shards} shards but data.num_workers × world size = "
+                          f"{workers} × {world_size} = {workers * world_size}: every worker needs a shard "
+                          f"(the official loader's rule); lower data.num_workers or set data.resampled=true")
+    return notes
+
+
 class Trainer:
     def __init__(self, cfg: Config, output_dir, resume=None, local_rank: int | None = None, *,
                  overwrite: bool = False, allow_config_change: bool = False, trust_checkpoint: bool = False):
@@ -167,7 +219,7 @@ class Trainer:
         else:
             self.rank, self.world, self.local_rank = 0, 1, 0
         self.is_main = self.rank == 0
-        self.notes = validate(cfg, self.world, check_files=True)     # before anything is built or written
+        self.notes = check_config(cfg, self.world, check_files=True)     # before anything is built or written
         self.out = Path(output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
@@ -321,8 +373,6 @@ class Trainer:
         free = free_memory_bytes(self.device)
         log.info("estimated activation memory per step: %.2f GiB (data.batch_size %d)", act / 2 ** 30, d.batch_size)
         if free is not None and act + state > free:
-            from .config import ConfigError
-
             raise ConfigError(
                 f"data.batch_size = {d.batch_size} needs an estimated {act / 2 ** 30:.1f} GiB of activations on "
                 f"{self.device} (plus {state / 2 ** 30:.2f} GiB of gradients and optimizer state), but only "

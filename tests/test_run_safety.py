@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from cosmos_fast.config import Config, ConfigError, load_config, validate
+from cosmos_fast.config import Config, ConfigError, load_config
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.model import create_model, save_checkpoint
 from cosmos_fast.train import main as train_main
-from cosmos_fast.trainer import ConfigChangeError, NonFiniteLossError, RunFolderError, Trainer, _strict_json
+from cosmos_fast.trainer import ConfigChangeError, NonFiniteLossError, RunFolderError, Trainer, _strict_json, check_config
 from test_trainer import rows, small_cfg
 
 
@@ -104,7 +104,7 @@ def test_non_finite_value_in_code_built_config_rejected(data):
     cfg = small_cfg(data)
     cfg.optim.lr = float("inf")
     with pytest.raises(ConfigError, match="optim.lr = inf must be a finite number"):
-        validate(cfg, cuda=False)
+        check_config(cfg, cuda=False)
 
 
 def test_non_finite_weights_are_never_saved(data, tmp_path):
@@ -191,9 +191,9 @@ def test_other_config_change_warns_and_every_config_is_kept(data, tmp_path, capl
 # ------------------------------------------------------------- sizes
 def test_batch_larger_than_the_epoch_rejected(data):
     with pytest.raises(ConfigError, match="larger than data.train_num_samples = 64"):
-        validate(small_cfg(data, "data.batch_size=128"), cuda=False)
+        check_config(small_cfg(data, "data.batch_size=128"), cuda=False)
     with pytest.raises(ConfigError, match="larger than"):
-        validate(small_cfg(data, "data.batch_size=40"), world_size=2, cuda=False)
+        check_config(small_cfg(data, "data.batch_size=40"), world_size=2, cuda=False)
 
 
 def test_batch_that_cannot_fit_memory_rejected_at_start(data, tmp_path):
