@@ -15,7 +15,8 @@ from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.data.transforms import eval_transform
 from cosmos_fast.eval import cli as eval_cli
 from cosmos_fast.eval.retrieval import load_retrieval_shards, retrieval_eval
-from cosmos_fast.export import export_checkpoint, find_checkpoint
+from cosmos_fast.checkpointing import find_checkpoint
+from cosmos_fast.export import export_checkpoint
 from cosmos_fast.model.checkpoint import torch_load
 from test_eval import TINY, write_coco, write_flickr
 

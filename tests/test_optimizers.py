@@ -7,7 +7,7 @@ import torch
 from cosmos_fast import create_model
 from cosmos_fast.config import ConfigError, load_config
 from cosmos_fast.trainer import check_config
-from cosmos_fast.distributed import build_optimizer
+from cosmos_fast.engine import build_optimizer
 
 SMALL = {"embed_dim": 16,
          "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "head_width": 8},

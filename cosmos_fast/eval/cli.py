@@ -95,7 +95,7 @@ def resolve_checkpoint(checkpoint=None, repo_id: str | None = None, filename: st
         return path, {"repo": repo_id, "file": filename, "revision": revision}
     if not checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint PATH or --huggingface-repo-name/--huggingface-model-name")
-    from ..export import find_checkpoint
+    from ..checkpointing import find_checkpoint
 
     return find_checkpoint(checkpoint), None
 
