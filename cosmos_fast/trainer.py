@@ -11,6 +11,7 @@ format (:mod:`cosmos_fast.checkpointing`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import signal
 import threading
