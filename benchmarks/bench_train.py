@@ -70,6 +70,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import add_record_arg, env_info, peak_memory, record, write_csv  # noqa: E402
 from cosmos_fast.ema import build_teacher  # noqa: E402
+from cosmos_fast.engine import AMP_DTYPES  # noqa: E402
 from cosmos_fast.ops.contrastive import CosmosLoss  # noqa: E402
 from cosmos_fast.model import create_model  # noqa: E402
 from cosmos_fast.model.attention import attention_backend  # noqa: E402
@@ -368,7 +369,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    amp = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}[
+    amp = AMP_DTYPES[
         args.precision if args.precision != "auto" else ("amp_bf16" if cuda else "fp32")]
     compute_dtype = amp or torch.float32
     model_spec = parse_model(args.model)

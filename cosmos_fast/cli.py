@@ -11,11 +11,13 @@ import argparse
 import logging
 import sys
 
-from .config import TRUST_CHECKPOINT_HELP
+from .config import TRUST_CHECKPOINT_HELP, ConfigError
+
+# The sub-commands import their modules when they run: those import torch, and `cosmos-fast --help`
+# must not (tests/test_cli.py).
 
 
 def cmd_demo(args) -> int:
-    from .config import ConfigError
     from .demo import run_demo
 
     try:

@@ -2,8 +2,9 @@
 
 ``load_config(preset_or_path, overrides)`` reads a preset shipped in ``cosmos_fast/configs/`` (by
 name, e.g. ``tiny-cpu``) or a YAML file, applies ``section.key=value`` overrides (values parsed as
-YAML) and rejects any unknown key by name. :func:`validate` checks the values that can be checked
-before anything is built; the trainer runs it with the actual world size.
+YAML) and rejects any unknown key by name. :func:`validate` checks what the values alone show; the
+trainer's build runs it with the actual world size, then the checks that need the package and the
+machine. A leaf: imports nothing from the package (and no torch, so ``--help`` stays fast).
 """
 from __future__ import annotations
 
@@ -17,6 +18,46 @@ from pathlib import Path
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+# The choices of the config's string fields. Those an implementing module also names (the data
+# stack, the ops switch, the EMA) are written here too, so the config imports nothing from the
+# package; tests/test_config_choices.py checks they equal the implementing modules' tuples.
+ContrastiveImpl = typing.Literal["fused", "blockwise", "reference"]
+CrossPoolImpl = typing.Literal["fused", "absorbed", "shared", "reference"]
+AugmentImpl = typing.Literal["auto", "pil", "fused"]
+CaptionMode = typing.Literal["textcrop", "textcrop_pixelprose"]
+StringFieldPolicy = typing.Literal["split", "reject"]
+WorkerStartMethod = typing.Literal["forkserver", "spawn", "fork"]
+AttentionBackend = typing.Literal["auto", "sdpa", "math", "flash", "xformers"]
+DataBackend = typing.Literal["torchvision", "dali", "auto"]
+EmaSchedule = typing.Literal["fixed", "cosine"]
+EmaOrder = typing.Literal["before_step", "after_step"]
+Precision = typing.Literal["fp32", "amp_bf16", "amp_fp16"]
+DistBackend = typing.Literal["auto", "none", "deepspeed"]
+ZeroStage = typing.Literal[0, 1, 2, 3]
+Optimizer = typing.Literal["torch_adamw", "deepspeed_fused_adam", "apex_fused_adam"]
+CollectiveBackend = typing.Literal["auto", "nccl", "gloo"]
+GradSemantics = typing.Literal["official", "exact"]
+RetrievalSplit = typing.Literal["official", "karpathy"]
+
+CONTRASTIVE_IMPLS = typing.get_args(ContrastiveImpl)
+CROSS_POOL_IMPLS = typing.get_args(CrossPoolImpl)
+AUGMENT_IMPLS = typing.get_args(AugmentImpl)
+MODES = typing.get_args(CaptionMode)
+STRING_FIELD_POLICIES = typing.get_args(StringFieldPolicy)
+WORKER_START_METHODS = typing.get_args(WorkerStartMethod)
+ATTENTION_BACKENDS = typing.get_args(AttentionBackend)
+DATA_BACKENDS = typing.get_args(DataBackend)
+EMA_SCHEDULES = typing.get_args(EmaSchedule)
+EMA_ORDERS = typing.get_args(EmaOrder)
+PRECISIONS = typing.get_args(Precision)
+DIST_BACKENDS = typing.get_args(DistBackend)
+ZERO_STAGES = typing.get_args(ZeroStage)
+OPTIMIZERS = typing.get_args(Optimizer)
+COLLECTIVE_BACKENDS = typing.get_args(CollectiveBackend)
+GRAD_SEMANTICS = typing.get_args(GradSemantics)
+RETRIEVAL_SPLITS = typing.get_args(RetrievalSplit)
+
 
 
 def _f(default, help: str, **kw):
@@ -306,19 +347,11 @@ def _choice(path, value, choices):
         raise ConfigError(f"config field {path} = {value!r} must be one of {list(choices)}")
 
 
-def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_files: bool = False) -> list[str]:
-    """Reject contradictory or impossible values; returns informational notes. ``check_files``: also
-    require every local shard of data.train_shards / data.val_shards to exist (the trainer's start)."""
-    import torch
-
-    from .data.captions import MODES, STRING_FIELD_POLICIES
-    from .data.loader import WORKER_START_METHODS
-    from .data.transforms import AUGMENT_IMPLS
-    from .ops import CONTRASTIVE_IMPLS, CROSS_POOL_IMPLS
-    from .data.loader import check_pipe_urls, expand_shards, missing_local_shards
-    from .model.config import resolve_model_config
-
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+def validate(cfg: Config, world_size: int = 1) -> list[str]:
+    """Reject contradictory or impossible values that the config alone shows; returns informational
+    notes. The checks that need the package or the machine (the model name resolves, files exist,
+    numba / apex / CUDA are there, every worker gets a shard) run in the trainer's build
+    (:func:`cosmos_fast.trainer.check_config`, which calls this first)."""
     d, o, e, t = cfg.data, cfg.optim, cfg.ema, cfg.train
     notes = []
     for sec in SECTIONS:                      # also for a Config built in code, not parsed by _coerce
@@ -328,48 +361,31 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_f
                 raise ConfigError(f"config field {sec}.{f.name} = {value} must be a finite number")
     if not 0 <= t.seed < 2 ** 63:
         raise ConfigError(f"config field train.seed = {t.seed} must lie in [0, 2**63)")
-    try:
-        mcfg = resolve_model_config(cfg.model.name)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"model.name: {err}") from None
-    _choice("model.attention", cfg.model.attention, ("auto", "sdpa", "math", "flash", "xformers"))
-    _choice("data.backend", d.backend, ("torchvision", "dali", "auto"))
+    _choice("model.attention", cfg.model.attention, ATTENTION_BACKENDS)
+    _choice("data.backend", d.backend, DATA_BACKENDS)
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
     _choice("data.worker_start", d.worker_start, WORKER_START_METHODS)
     _choice("data.augment", d.augment, AUGMENT_IMPLS)
-    if d.augment == "fused":
-        from .data import pil_hue
-
-        if not pil_hue.available():
-            raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use 'pil' or 'auto'")
     _choice("model.pool_impl", cfg.model.pool_impl, ("auto",) + CROSS_POOL_IMPLS)
     _choice("model.loss_impl", cfg.model.loss_impl, ("auto",) + CONTRASTIVE_IMPLS)
-    _choice("ema.schedule", e.schedule, ("fixed", "cosine"))
-    _choice("ema.order", e.order, ("before_step", "after_step"))
-    _choice("train.precision", t.precision, ("fp32", "amp_bf16", "amp_fp16"))
+    _choice("ema.schedule", e.schedule, EMA_SCHEDULES)
+    _choice("ema.order", e.order, EMA_ORDERS)
+    _choice("train.precision", t.precision, PRECISIONS)
     z = cfg.distributed
-    _choice("distributed.backend", z.backend, ("auto", "none", "deepspeed"))
-    _choice("distributed.zero_stage", z.zero_stage, (0, 1, 2, 3))
-    _choice("distributed.optimizer", z.optimizer, ("torch_adamw", "deepspeed_fused_adam", "apex_fused_adam"))
-    _choice("distributed.dist_backend", z.dist_backend, ("auto", "nccl", "gloo"))
-    _choice("distributed.grad_semantics", z.grad_semantics, ("official", "exact"))
-    _choice("eval.retrieval_split", cfg.eval.retrieval_split, ("official", "karpathy"))
+    _choice("distributed.backend", z.backend, DIST_BACKENDS)
+    _choice("distributed.zero_stage", z.zero_stage, ZERO_STAGES)
+    _choice("distributed.optimizer", z.optimizer, OPTIMIZERS)
+    _choice("distributed.dist_backend", z.dist_backend, COLLECTIVE_BACKENDS)
+    _choice("distributed.grad_semantics", z.grad_semantics, GRAD_SEMANTICS)
+    _choice("eval.retrieval_split", cfg.eval.retrieval_split, RETRIEVAL_SPLITS)
     if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1 or cfg.eval.num_workers < 0:
         raise ConfigError("eval.every_steps, eval.batch_size and eval.num_workers must be >= 0, >= 1 and >= 0")
-    for path, value in (("eval.retrieval_root", cfg.eval.retrieval_root), ("eval.imagenet_val", cfg.eval.imagenet_val),
-                        ("eval.sun397_root", cfg.eval.sun397_root)):
-        if value and not Path(value).is_dir():
-            raise ConfigError(f"config field {path} = {value!r} is not a folder")
     if z.timeout_minutes < 1 or z.keep_last < 1:
         raise ConfigError(f"distributed.timeout_minutes ({z.timeout_minutes}) and distributed.keep_last "
                           f"({z.keep_last}) must be >= 1")
     if world_size > 1 and z.backend == "none":
         raise ConfigError(f"distributed.backend = 'none' but the launcher started {world_size} ranks")
-    if z.optimizer == "apex_fused_adam":
-        import importlib.util
-        if importlib.util.find_spec("apex") is None:
-            raise ConfigError("distributed.optimizer = apex_fused_adam but NVIDIA apex is not installed")
     for path, value, lo in [("data.batch_size", d.batch_size, 1), ("data.train_num_samples", d.train_num_samples, 1),
                             ("data.num_workers", d.num_workers, 0), ("data.num_captions", d.num_captions, 2),
                             ("data.local_crops", d.local_crops, 0), ("data.local_size", d.local_size, 1),
@@ -390,34 +406,8 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_f
                           f"weight_decay={o.weight_decay}")
     if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
         raise ConfigError(f"config field optim.grad_clip_norm = {o.grad_clip_norm} must be > 0 or null")
-    patch = mcfg.vision_cfg.patch_size
-    gsize = d.global_size or mcfg.vision_cfg.image_size
-    for path, size in (("data.global_size", gsize), ("data.local_size", d.local_size)):
-        if size % patch:
-            raise ConfigError(f"config field {path} = {size} is not a multiple of the patch size {patch}")
-    if t.precision != "fp32" and not cuda:
-        raise ConfigError(f"config field train.precision = {t.precision!r} needs CUDA; use fp32 on CPU")
-    if t.device.startswith("cuda") and not cuda:
-        raise ConfigError(f"config field train.device = {t.device!r} but CUDA is not available")
     if not d.train_shards:
         raise ConfigError("config field data.train_shards is empty")
-    n_shards = len(expand_shards(d.train_shards))
-    for field_name, shards in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
-        urls = expand_shards(shards) if shards else []
-        try:
-            check_pipe_urls(urls, d.allow_pipe, field_name)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        missing = missing_local_shards(urls) if check_files else []
-        if missing:
-            raise ConfigError(f"config field {field_name} = {shards!r} matches {len(urls) - len(missing)} of "
-                              f"{len(urls)} local files; missing: {', '.join(missing[:3])}"
-                              f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
-    workers = max(1, d.num_workers)
-    if not d.resampled and n_shards < workers * world_size:
-        raise ConfigError(f"data.train_shards has {n_shards} shards but data.num_workers × world size = "
-                          f"{workers} × {world_size} = {workers * world_size}: every worker needs a shard "
-                          f"(the official loader's rule); lower data.num_workers or set data.resampled=true")
     global_batch = d.batch_size * world_size
     if global_batch > d.train_num_samples:
         raise ConfigError(f"data.batch_size {d.batch_size} × world size {world_size} = {global_batch} is larger than "

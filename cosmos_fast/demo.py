@@ -10,14 +10,16 @@ import json
 import logging
 from pathlib import Path
 
+from .config import load_config
+from .data.synthetic import write_demo_data
+from .trainer import Trainer
+
 log = logging.getLogger("cosmos_fast.demo")
 
 N_TRAIN, N_VAL, PER_SHARD = 2048, 128, 256
 
 
 def ensure_demo_data(data_dir: Path, seed: int = 0) -> dict:
-    from .data.synthetic import write_demo_data
-
     done = data_dir / "DONE"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -30,7 +32,7 @@ def ensure_demo_data(data_dir: Path, seed: int = 0) -> dict:
 def plot(out: Path, metrics_rows: list, results: dict) -> Path:
     """Losses per step, and held-out R@1 / R@5 before and after training for both models, each bar
     labelled with its value (a zero bar shows its 0.000), chance levels drawn, legends outside."""
-    import matplotlib
+    import matplotlib                     # optional, heavy: only the demo's plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,9 +70,6 @@ def plot(out: Path, metrics_rows: list, results: dict) -> Path:
 
 
 def run_demo(output_dir="runs/demo", overrides=(), seed: int = 0) -> dict:
-    from .config import load_config
-    from .trainer import Trainer
-
     out = Path(output_dir)
     load_config("tiny-cpu", list(overrides))          # a bad override fails before the data set is drawn
     patterns = ensure_demo_data(out / "data", seed)

@@ -3,25 +3,23 @@
 * :func:`build_teacher` — a deep copy of the student with every parameter frozen, kept in fp32.
 * :func:`ema_update` — θ_T ← m·θ_T + (1 − m)·θ_S for every parameter pair (matched by name),
   with ``torch._foreach`` ops: a handful of kernel launches for the whole model.
-* :class:`MomentumSchedule` — fixed m (every released script) or the cosine ramp
-  m(step) = 1 − (1 − m₀)·½(1 + cos(π·step/S)).
 * :func:`clamp_logit_scales` — both logit scales into [0, ln 100], applied to student and teacher
   after every optimizer step.
-* ``EMA_ORDERS``: the official order updates the teacher after ``backward`` and *before* the
-  optimizer step (so it averages in the weights used by this step's forward); ``"after_step"``
-  averages in the freshly updated weights.
+* ``ema.order`` (``config.EMA_ORDERS``, applied by :mod:`cosmos_fast.step`): the official order
+  updates the teacher after ``backward`` and *before* the optimizer step (so it averages in the
+  weights used by this step's forward); ``"after_step"`` averages in the freshly updated weights.
+
+The momentum schedule is :class:`cosmos_fast.schedules.MomentumSchedule`.
 """
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from .model.cosmos import LOGIT_SCALE_MAX
 
-EMA_ORDERS = ("before_step", "after_step")
 SCALE_NAMES = ("logit_scale", "distill_logit_scale")
 
 
@@ -72,21 +70,3 @@ def clamp_logit_scales(*models: nn.Module, max_value: float = LOGIT_SCALE_MAX) -
             p = getattr(model, name, None)
             if p is not None:
                 p.clamp_(0.0, max_value)
-
-
-class MomentumSchedule:
-    """EMA momentum per optimizer step: ``fixed`` (m₀) or ``cosine`` (m₀ → 1 over ``total_steps``)."""
-
-    def __init__(self, base: float = 0.999, kind: str = "fixed", total_steps: int | None = None):
-        if not 0.0 <= base <= 1.0:
-            raise ValueError(f"EMA momentum must lie in [0, 1], got {base}")
-        if kind not in ("fixed", "cosine"):
-            raise ValueError(f"momentum schedule must be 'fixed' or 'cosine', got {kind!r}")
-        if kind == "cosine" and (not total_steps or total_steps <= 0):
-            raise ValueError(f"the cosine momentum schedule needs total_steps > 0, got {total_steps!r}")
-        self.base, self.kind, self.total_steps = base, kind, total_steps
-
-    def __call__(self, step: int) -> float:
-        if self.kind == "fixed":
-            return self.base
-        return 1.0 - (1.0 - self.base) * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))

@@ -14,39 +14,15 @@ epoch's data order restarted (the way to change the number of ranks mid-run).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from .checkpointing import find_checkpoint
 from .model import create_model
 from .model.checkpoint import (CheckpointMismatchError, check_deepspeed_files, check_state_dict, save_checkpoint,
                                select_state_dict, strip_prefix, torch_load)
 
 log = logging.getLogger("cosmos_fast.export")
-
-
-def find_checkpoint(source) -> Path:
-    """The checkpoint ``source`` names: a file as is, a DeepSpeed tag folder, or for a run folder (or
-    its ``checkpoints/``) the newest complete checkpoint; FileNotFoundError says what was looked for."""
-    from .trainer import resolve_ds_checkpoint
-
-    source = Path(source)
-    if source.is_file():
-        return source
-    if not source.is_dir():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
-    tag_dir = resolve_ds_checkpoint(source)
-    if tag_dir is not None:
-        return tag_dir
-    for ckdir in (source / "checkpoints", source):
-        if (ckdir / "epoch_latest.pt").is_file():        # rewritten atomically at every save: the newest
-            return ckdir / "epoch_latest.pt"
-        epochs = [(int(m.group(1)), p) for p in ckdir.glob("epoch_*.pt")
-                  if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
-        if epochs:
-            return max(epochs)[1]
-    raise FileNotFoundError(f"{source} holds no checkpoint: expected a checkpoint file, a run folder with "
-                            f"checkpoints/epoch_latest.pt (or epoch_N.pt), or a DeepSpeed folder with a 'latest' tag")
 
 
 def recorded_model(body) -> str | None:

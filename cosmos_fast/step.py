@@ -1,11 +1,14 @@
-"""One COSMOS training step (cosmos_method.md Appendix A), shared by the trainer, demo and tests."""
+"""One COSMOS training step (cosmos_method.md Appendix A), written once over an engine's primitives
+(:mod:`cosmos_fast.engine`): the trainer runs it on either engine; the demo, tests and benchmarks
+call :func:`cosmos_train_step` with plain objects."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-from .ema import EMA_ORDERS, clamp_logit_scales, ema_update
+from .config import EMA_ORDERS
+from .engine import LocalEngine
 from .profiling import NULL_TIMER
 
 
@@ -41,49 +44,47 @@ def _loss(loss_fn, s, t, b):
     )
 
 
-def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, momentum: float,
-                      ema_order: str = "before_step", scaler=None, autocast=None,
-                      grad_clip_norm: float | None = None, timer=NULL_TIMER) -> dict:
-    """zero_grad → forward/loss → backward → EMA (official: before the step) → optimizer step →
-    clamp both logit scales on both models.
+def train_step(engine, loss_fn, crops, captions, momentum: float, ema_order: str = "before_step",
+               timer=NULL_TIMER) -> dict:
+    """zero_grad → forward/loss → finite? → backward → EMA (official: before the step) → optimizer
+    step → clamp both logit scales on both models, on ``engine``'s student and teacher.
 
     Returns the detached losses plus ``finite`` (False: the loss was NaN/inf and nothing was
-    updated — no backward, no EMA, no optimizer step) and ``overflow`` (True: the fp16 GradScaler
-    found inf/nan gradients and skipped the optimizer step; the EMA still ran, as officially).
+    updated — no backward, no EMA, no optimizer step; under DeepSpeed the loss is global on every
+    rank, so every rank skips together) and ``overflow`` (True: the fp16 loss scaler found inf/nan
+    gradients and skipped the optimizer step; the EMA still ran, as officially).
     """
     if ema_order not in EMA_ORDERS:
         raise ValueError(f"ema_order must be one of {EMA_ORDERS}, got {ema_order!r}")
-    optimizer.zero_grad(set_to_none=True)
-    with autocast if autocast is not None else contextlib.nullcontext():
-        losses = cosmos_forward_loss(student, teacher, loss_fn, crops, captions, timer)
+    engine.zero_grad()
+    with engine.forward_context():
+        losses = cosmos_forward_loss(engine.model, engine.teacher_forward, loss_fn, engine.inputs(crops), captions,
+                                     timer, teacher_context=engine.teacher_context())
     out = {k: v.detach() for k, v in losses.items()}
     out["finite"] = bool(torch.isfinite(out["loss"]))
     out["overflow"] = False
     if not out["finite"]:
         return out
     with timer.phase("backward"):
-        (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+        engine.backward(losses["loss"])
     if ema_order == "before_step":
         with timer.phase("ema"):
-            ema_update(teacher, student, momentum)
+            engine.ema(momentum)
     with timer.phase("optimizer"):
-        _optimizer_step(optimizer, student, scaler, grad_clip_norm, out)
+        out["overflow"] = engine.optimizer_step()
     if ema_order == "after_step":
         with timer.phase("ema"):
-            ema_update(teacher, student, momentum)
-    clamp_logit_scales(student, teacher)
+            engine.ema(momentum)
+    engine.clamp()
     return out
 
 
-def _optimizer_step(optimizer, student, scaler, grad_clip_norm, out):
-    if grad_clip_norm is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip_norm)
-    if scaler is not None:
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        out["overflow"] = scaler.get_scale() < scale_before
-    else:
-        optimizer.step()
+def cosmos_train_step(student, teacher, loss_fn, optimizer, crops, captions, momentum: float,
+                      ema_order: str = "before_step", scaler=None, autocast=None,
+                      grad_clip_norm: float | None = None, timer=NULL_TIMER) -> dict:
+    """:func:`train_step` on plain objects (one process): ``autocast`` a context around the forward
+    and loss, ``scaler`` an fp16 ``GradScaler``, ``grad_clip_norm`` clips the global norm."""
+    if ema_order not in EMA_ORDERS:
+        raise ValueError(f"ema_order must be one of {EMA_ORDERS}, got {ema_order!r}")
+    engine = LocalEngine(student, teacher, optimizer, autocast=autocast, scaler=scaler, grad_clip_norm=grad_clip_norm)
+    return train_step(engine, loss_fn, crops, captions, momentum, ema_order, timer)

@@ -126,8 +126,10 @@ def run_train(args) -> int:
     rc = _info(args)
     if rc is not None:
         return rc
+    # imported here, not at the top: this module builds the --help parser, which must not import torch
+    from .checkpointing import ConfigChangeError, RunFolderError
     from .model.checkpoint import CheckpointMismatchError
-    from .trainer import ConfigChangeError, NonFiniteLossError, Preempted, RunFolderError, Trainer
+    from .trainer import NonFiniteLossError, Preempted, Trainer
 
     log = logging.getLogger("cosmos_fast")
     try:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cosmos_fast.config import ConfigError, load_config, validate
+from cosmos_fast.config import ConfigError, load_config
+from cosmos_fast.trainer import check_config
 
 SHARDS = "/data/train-{000000..000007}.tar"
 
@@ -17,11 +18,11 @@ SHARDS = "/data/train-{000000..000007}.tar"
 ], ids=["pipe", "pipe-in-second-source", "s3", "val-shards"])
 def test_allow_pipe_false_refuses_shell_urls_at_start(field, value):
     overrides = [f"data.train_shards={SHARDS}", f"data.{field}='{value}'"]
-    validate(load_config("tiny-cpu", overrides), cuda=False)             # default true: webdataset's behaviour
+    check_config(load_config("tiny-cpu", overrides), cuda=False)             # default true: webdataset's behaviour
     with pytest.raises(ConfigError, match=f"data.{field} URL .* but data.allow_pipe is false") as e:
-        validate(load_config("tiny-cpu", overrides + ["data.allow_pipe=false"]), cuda=False)
+        check_config(load_config("tiny-cpu", overrides + ["data.allow_pipe=false"]), cuda=False)
     assert "pipe:" in str(e.value) or "s3://" in str(e.value)
-    validate(load_config("tiny-cpu", [f"data.train_shards={SHARDS}", "data.allow_pipe=false"]), cuda=False)
+    check_config(load_config("tiny-cpu", [f"data.train_shards={SHARDS}", "data.allow_pipe=false"]), cuda=False)
 
 
 def test_readmes_warn_that_shell_urls_run_commands():

@@ -160,10 +160,10 @@ def test_readme_and_messages_do_not_cite_a_missing_file():
     readme = (REPO / "README.md").read_text()
     assert "cosmos_method" not in readme
     cfg = load_config("tiny-cpu", ["data.num_workers=64"])
-    from cosmos_fast.config import validate
+    from cosmos_fast.trainer import check_config
 
     with pytest.raises(ConfigError, match="every worker needs a shard") as exc:
-        validate(cfg, world_size=1, cuda=False)
+        check_config(cfg, world_size=1, cuda=False)
     assert "cosmos_method" not in str(exc.value)
     help_text = " ".join(t for _, _, t in describe())
     assert "cosmos_method" not in help_text

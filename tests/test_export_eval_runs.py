@@ -14,8 +14,9 @@ from cosmos_fast.data.captions import Tokenizer
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.data.transforms import eval_transform
 from cosmos_fast.eval import cli as eval_cli
+from cosmos_fast.checkpointing import find_checkpoint
 from cosmos_fast.eval import load_retrieval_shards
-from cosmos_fast.export import export_checkpoint, find_checkpoint
+from cosmos_fast.export import export_checkpoint
 from cosmos_fast.model.checkpoint import torch_load
 from test_eval import TINY, brute_retrieval, write_coco, write_flickr
 

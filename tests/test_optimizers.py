@@ -7,8 +7,9 @@ import torch
 from utils import TINY_MODEL_16
 
 from cosmos_fast import create_model
-from cosmos_fast.config import ConfigError, load_config, validate
-from cosmos_fast.distributed import build_optimizer
+from cosmos_fast.config import ConfigError, load_config
+from cosmos_fast.trainer import check_config
+from cosmos_fast.engine import build_optimizer
 
 CUDA = torch.cuda.is_available()
 
@@ -39,7 +40,7 @@ def test_apex_requested_without_apex_is_a_clear_error():
         steps("apex_fused_adam", "cpu")
     cfg = load_config("tiny-cpu", ["distributed.optimizer=apex_fused_adam", "data.train_shards=x-{0..3}.tar"])
     with pytest.raises(ConfigError, match="apex"):
-        validate(cfg, cuda=False)
+        check_config(cfg, cuda=False)
 
 
 @pytest.mark.skipif(not CUDA, reason="FusedAdam kernels need CUDA")

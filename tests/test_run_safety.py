@@ -11,11 +11,13 @@ import time
 import pytest
 import torch
 
-from cosmos_fast.config import Config, ConfigError, load_config, validate
+from cosmos_fast.config import Config, ConfigError, load_config
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.model import create_model, save_checkpoint
 from cosmos_fast.train import main as train_main
-from cosmos_fast.trainer import ConfigChangeError, NonFiniteLossError, RunFolderError, Trainer, _strict_json
+from cosmos_fast.checkpointing import ConfigChangeError, RunFolderError
+from cosmos_fast.metrics import strict_json
+from cosmos_fast.trainer import NonFiniteLossError, Trainer, check_config
 from test_trainer import rows, small_cfg
 
 
@@ -104,7 +106,7 @@ def test_non_finite_value_in_code_built_config_rejected(data):
     cfg = small_cfg(data)
     cfg.optim.lr = float("inf")
     with pytest.raises(ConfigError, match="optim.lr = inf must be a finite number"):
-        validate(cfg, cuda=False)
+        check_config(cfg, cuda=False)
 
 
 def test_non_finite_weights_are_never_saved(data, tmp_path):
@@ -136,21 +138,21 @@ def test_non_finite_weights_are_never_saved(data, tmp_path):
 def test_max_steps_one_with_nan_weights_exits_nonzero(data, tmp_path, monkeypatch):
     import cosmos_fast.trainer as trainer_mod
 
-    real = trainer_mod.cosmos_train_step
+    real = trainer_mod.train_step
 
-    def nan_step(student, *a, **k):
-        out = real(student, *a, **k)
+    def nan_step(engine, *a, **k):
+        out = real(engine, *a, **k)
         with torch.no_grad():
-            next(student.parameters()).fill_(float("inf"))
+            next(engine.student.parameters()).fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(trainer_mod, "cosmos_train_step", nan_step)
+    monkeypatch.setattr(trainer_mod, "train_step", nan_step)
     assert train_main(cli_args(data, tmp_path, "train.max_steps=1")) == 3
     assert not (tmp_path / "checkpoints" / "epoch_latest.pt").exists()
 
 
 def test_metrics_lines_are_strict_json():
-    line = _strict_json({"lr": float("inf"), "loss": float("nan"), "skipped": {"x": 1}, "ok": 1.5})
+    line = strict_json({"lr": float("inf"), "loss": float("nan"), "skipped": {"x": 1}, "ok": 1.5})
     assert json.loads(line) == {"lr": None, "loss": None, "skipped": {"x": 1}, "ok": 1.5}
 
 
@@ -191,9 +193,9 @@ def test_other_config_change_warns_and_every_config_is_kept(data, tmp_path, capl
 # ------------------------------------------------------------- sizes
 def test_batch_larger_than_the_epoch_rejected(data):
     with pytest.raises(ConfigError, match="larger than data.train_num_samples = 64"):
-        validate(small_cfg(data, "data.batch_size=128"), cuda=False)
+        check_config(small_cfg(data, "data.batch_size=128"), cuda=False)
     with pytest.raises(ConfigError, match="larger than"):
-        validate(small_cfg(data, "data.batch_size=40"), world_size=2, cuda=False)
+        check_config(small_cfg(data, "data.batch_size=40"), world_size=2, cuda=False)
 
 
 def test_batch_that_cannot_fit_memory_rejected_at_start(data, tmp_path):
@@ -208,7 +210,7 @@ def test_batch_that_cannot_fit_memory_rejected_at_start(data, tmp_path):
 
 
 def test_activation_estimate_grows_with_the_batch_and_shrinks_with_checkpointing():
-    from cosmos_fast.distributed import activation_bytes
+    from cosmos_fast.engine import activation_bytes
     from cosmos_fast.model.config import resolve_model_config
 
     m = resolve_model_config("ViT-B-16")
@@ -269,12 +271,12 @@ def test_cli_checkpoint_mismatch_on_resume(data, tmp_path, capsys):
 
 
 def test_cli_disk_full_is_logged_and_exits_2(data, tmp_path, monkeypatch):
-    import cosmos_fast.trainer as trainer_mod
+    import cosmos_fast.engine as engine_mod
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", full_disk)
+    monkeypatch.setattr(engine_mod, "save_checkpoint", full_disk)
     assert train_main(cli_args(data, tmp_path, "train.max_steps=2")) == 2
     assert "No space left on device" in (tmp_path / "train.log").read_text()
 

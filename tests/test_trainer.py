@@ -5,12 +5,12 @@ import logging
 import pytest
 import torch
 
-from cosmos_fast.config import ConfigError, list_presets, load_config, validate
+from cosmos_fast.config import ConfigError, list_presets, load_config
 from cosmos_fast.data.loader import expand_shards
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.model import create_model, save_checkpoint
 from cosmos_fast.train import main as train_main
-from cosmos_fast.trainer import NonFiniteLossError, Trainer
+from cosmos_fast.trainer import NonFiniteLossError, Trainer, check_config
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def rows(path):
 def test_official_presets_pass_startup_validation(preset):
     cfg = load_config(preset)
     world = cfg.data.expected_global_batch // cfg.data.batch_size
-    notes = validate(cfg, world_size=world, cuda=True)
+    notes = check_config(cfg, world_size=world, cuda=True)
     assert f"global batch {cfg.data.expected_global_batch}" in notes[0]
     assert cfg.optim.lr == 5e-4 and cfg.optim.weight_decay == 0.5 and cfg.optim.warmup == 2000
     assert cfg.ema.momentum == (0.999 if preset.startswith("cc3m") else 0.99)
@@ -50,10 +50,10 @@ def test_merged30m_shard_count():
 def test_unofficial_world_size_is_a_contradiction():
     cfg = load_config("cc3m-vitb16")
     with pytest.raises(ConfigError, match="expected_global_batch = 1024"):
-        validate(cfg, world_size=8, cuda=True)
+        check_config(cfg, world_size=8, cuda=True)
     cfg = load_config("pixelprose-vitb16", ["data.num_workers=16"])
     with pytest.raises(ConfigError, match="1700 shards"):
-        validate(cfg, world_size=128, cuda=True)
+        check_config(cfg, world_size=128, cuda=True)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -84,7 +84,7 @@ def test_yaml_file_typo_rejected(tmp_path):
 ])
 def test_bad_values_rejected_at_start(data, override, match):
     with pytest.raises(ConfigError, match=match):
-        validate(small_cfg(data, override), cuda=False)
+        check_config(small_cfg(data, override), cuda=False)
 
 
 # ----------------------------------------------------------------- training
@@ -236,7 +236,7 @@ def test_zero_shot_eval_inside_training(data, tmp_path):
         res = rows_[-1][model]["imagenet"]
         assert res["n_images"] == 6 and 0.0 <= res["top1"] <= res["top5"] == 1.0   # 3 classes: top-5 is all
     with pytest.raises(ConfigError, match="eval.imagenet_val"):
-        validate(small_cfg(data, "eval.imagenet_val=/nonexistent"), cuda=False)
+        check_config(small_cfg(data, "eval.imagenet_val=/nonexistent"), cuda=False)
 
 
 def test_dali_backend_in_the_trainer(data, tmp_path):

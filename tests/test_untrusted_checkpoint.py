@@ -323,7 +323,7 @@ def test_deepspeed_folder_refused_by_export_and_resume(tmp_path, tiny_weights, m
     """teacher.pt and trainer_rank*.pt are ours; DeepSpeed (and zero_to_fp32) unpickle their own
     model/optimizer files in full, so every *.pt in the tag folder is scanned before anyone loads it."""
     pytest.importorskip("deepspeed")
-    import cosmos_fast.trainer as trainer_mod
+    import cosmos_fast.engine as engine_mod
 
     marker = tmp_path / "MARKER"
     evil = {"payload": Payload(marker)}
@@ -336,15 +336,15 @@ def test_deepspeed_folder_refused_by_export_and_resume(tmp_path, tiny_weights, m
     rc = cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "out.pt")])
     cli_refused(rc, capsys, "cosmos-fast export:", bad, marker)
 
-    # Trainer._resume_deepspeed on a stand-in trainer (a real one needs DeepSpeed ranks): every
+    # DeepSpeedEngine.load_tag on a stand-in engine (a real one needs DeepSpeed ranks): every
     # other step succeeds, so only the refusal stands between the file and its code
-    monkeypatch.setattr(trainer_mod, "load_full_state_dict", lambda *a, **k: None)
+    monkeypatch.setattr(engine_mod, "load_full_state_dict", lambda *a, **k: None)
     stub = types.SimpleNamespace(
-        engine=types.SimpleNamespace(load_checkpoint=lambda *a, **k: torch.load(
+        ds=types.SimpleNamespace(load_checkpoint=lambda *a, **k: torch.load(
             tag / "mp_rank_00_model_states.pt", weights_only=False)),
-        world=1, rank=0, stage=0, teacher=None, is_main=False, trust_checkpoint=False, loader=None,
-        _check_config_change=lambda *a: None, load_state_dict=lambda state: None)
-    refused(lambda: Trainer._resume_deepspeed(stub, tag), bad, marker)
+        world=1, rank=0, stage=0, teacher=None)
+    refused(lambda: engine_mod.DeepSpeedEngine.load_tag(stub, tag, trust=False, check_config=lambda *a: None),
+            bad, marker)
 
 
 def test_deepspeed_records_allowed(tmp_path):

@@ -40,7 +40,8 @@ import torch
 
 from ..config import TRUST_CHECKPOINT_HELP
 from ..device import resolve_device
-from ..export import check_against, find_checkpoint, read_deepspeed, recorded_model
+from ..checkpointing import find_checkpoint
+from ..export import check_against, read_deepspeed, recorded_model
 from ..model import create_model
 from ..model.checkpoint import CheckpointMismatchError, select_state_dict, strip_prefix, torch_load
 from .datasets import RETRIEVAL_SETS, SPLITS
