@@ -48,7 +48,7 @@ class DataSection:
     batch_size: int = _f(64, "per-device batch B; the global batch is B × world size")
     expected_global_batch: typing.Optional[int] = _f(None, "if set, B × world size must equal it (checked at start)")
     num_workers: int = _f(4, "data-loader worker processes per rank")
-    augment: str = _f("auto", "how the torchvision backend makes crops: pil (torchvision's PIL ops), fused (the "
+    augment: str = _f("auto", "how the torchvision backend makes crops: torchvision (torchvision's PIL ops), fused (the "
                       "same crops bit for bit from a Numba kernel, faster; needs numba) or auto (fused when "
                       "numba is installed)")
     worker_start: str = _f("forkserver", "how workers start: forkserver (clean process, default), spawn or fork "
@@ -301,6 +301,17 @@ def describe() -> list[tuple[str, str, str]]:
     return rows
 
 
+AUGMENT_IMPLS = ("auto", "torchvision", "fused")     # data.augment
+RENAMED_AUGMENT = {"pil": "torchvision"}            # old data.augment value → its new name
+LOCAL_CROP_MIN_SCALE = 0.05      # local crops' area scale is [0.05, data.crop_scale] (§4.4)
+
+
+def check_crop_scale(value: float, field: str = "data.crop_scale") -> None:
+    """The one range check of the crop scale: global crops take [s, 1], local crops [0.05, s]."""
+    if not LOCAL_CROP_MIN_SCALE < value < 1.0:
+        raise ConfigError(f"config field {field} = {value} must lie in ({LOCAL_CROP_MIN_SCALE}, 1)")
+
+
 def _choice(path, value, choices):
     if value not in choices:
         raise ConfigError(f"config field {path} = {value!r} must be one of {list(choices)}")
@@ -312,10 +323,9 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_f
     import torch
 
     from .data.captions import MODES, STRING_FIELD_POLICIES
-    from .data.loader import WORKER_START_METHODS
-    from .data.transforms import AUGMENT_IMPLS
+    from .data.stream import WORKER_START_METHODS
     from .ops import CONTRASTIVE_IMPLS, CROSS_POOL_IMPLS
-    from .data.loader import check_pipe_urls, expand_shards, missing_local_shards
+    from .data.stream import check_pipe_urls, expand_shards, missing_local_shards
     from .model.config import resolve_model_config
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -337,12 +347,14 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_f
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
     _choice("data.worker_start", d.worker_start, WORKER_START_METHODS)
+    if d.augment in RENAMED_AUGMENT:
+        raise ConfigError(f"config field data.augment = {d.augment!r} was renamed to {RENAMED_AUGMENT[d.augment]!r}")
     _choice("data.augment", d.augment, AUGMENT_IMPLS)
     if d.augment == "fused":
-        from .data import pil_hue
-
-        if not pil_hue.available():
-            raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use 'pil' or 'auto'")
+        import importlib.util
+        if importlib.util.find_spec("numba") is None:
+            raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use "
+                              "'torchvision' or 'auto'")
     _choice("model.pool_impl", cfg.model.pool_impl, ("auto",) + CROSS_POOL_IMPLS)
     _choice("model.loss_impl", cfg.model.loss_impl, ("auto",) + CONTRASTIVE_IMPLS)
     _choice("ema.schedule", e.schedule, ("fixed", "cosine"))
@@ -381,8 +393,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_f
             raise ConfigError(f"config field {path} = {value} must be >= {lo}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"config field train.max_steps = {t.max_steps} must be >= 1 or null")
-    if not 0.05 < d.crop_scale < 1:
-        raise ConfigError(f"config field data.crop_scale = {d.crop_scale} must lie in (0.05, 1)")
+    check_crop_scale(d.crop_scale)
     if not 0 <= e.momentum <= 1:
         raise ConfigError(f"config field ema.momentum = {e.momentum} must lie in [0, 1]")
     if o.lr <= 0 or o.eps <= 0 or not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1) or o.weight_decay < 0:

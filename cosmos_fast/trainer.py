@@ -25,7 +25,7 @@ import torch
 from .config import Config, save_config, validate
 from .data.captions import Tokenizer
 from .device import resolve_device
-from .data.loader import StreamSpec, expand_shards, steps_per_epoch
+from .data.stream import StreamSpec, expand_shards, steps_per_epoch
 from .ema import MomentumSchedule, build_teacher
 from .loss import CosmosLoss
 from .model import create_model, set_attention_backend

@@ -351,7 +351,7 @@ def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     pytest.importorskip("nvidia.dali")
     pytest.importorskip("numba")
     from benchmarks import bench_data, harness
-    from cosmos_fast.data import pil_crop
+    from cosmos_fast.reference import multicrop as multicrop_ref
 
     monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
     args = ["--images", "16", "--per-shard", "8", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--reps", "1",
@@ -365,7 +365,7 @@ def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     other = dict(batch, crops=[torch.full((1, 3, 4, 4), 1e-7)])
     with pytest.raises(SystemExit, match="differs from torchvision"):
         bench_data.check_same_batch(batch, other, "torchvision-fused")
-    real = pil_crop.reference_crop
-    monkeypatch.setattr(pil_crop, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
+    real = multicrop_ref.reference_crop
+    monkeypatch.setattr(multicrop_ref, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
     with pytest.raises(SystemExit, match="differs from torchvision"):
         bench_data.main(["--providers", "dali"] + args)

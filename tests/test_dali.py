@@ -18,13 +18,18 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from cosmos_fast.data import dali_loader as dl  # noqa: E402
-from cosmos_fast.data import pil_hue  # noqa: E402
+from cosmos_fast.data import dali_multicrop as dm  # noqa: E402
+from cosmos_fast.data import recipe  # noqa: E402
 from cosmos_fast.data.backends import build_loader  # noqa: E402
 from cosmos_fast.data.captions import Tokenizer  # noqa: E402
-from cosmos_fast.data.loader import WebDatasetLoader  # noqa: E402
 from cosmos_fast.data.normalize import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from cosmos_fast.data.recipe import PARAM_FIELDS  # noqa: E402
 from cosmos_fast.data.shards import index_path, write_index  # noqa: E402
+from cosmos_fast.data.stream import decode_image  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
+from cosmos_fast.data.torchvision_loader import WebDatasetLoader  # noqa: E402
+from cosmos_fast.ops import multicrop as multicrop_op  # noqa: E402
+from cosmos_fast.ops.multicrop import augment_crop  # noqa: E402
 from tests.test_loader import spec, write_shards  # noqa: E402
 from multicrop_spy import spy_multicrop  # noqa: E402
 
@@ -125,8 +130,8 @@ def _run_ops(images, factor, turns):
         x = fn.external_source(source=lambda: images, layout="HWC", batch=True)
         f = fn.external_source(source=lambda: [np.float32(factor)] * len(images), batch=True)
         t = fn.external_source(source=lambda: [np.float32(turns)] * len(images), batch=True)
-        outs = (dl._brightness(x, f), dl._contrast(x, f, False), dl._saturation(x, f), dl._grayscale(x),
-                dl._hue(x, t, False), dl._solarize(x), fn.gaussian_blur(x, sigma=f))
+        outs = (dm._brightness(x, f), dm._contrast(x, f, False), dm._saturation(x, f), dm._grayscale(x),
+                dm._hue(x, t, False), dm._solarize(x), fn.gaussian_blur(x, sigma=f))
         return outs
     pipe = ops()
     pipe.build()
@@ -160,18 +165,18 @@ def test_ops_match_pil(factor, hue):
 
 
 def test_hue_mode_resolution_and_fallback(monkeypatch, caplog):
-    assert dl.resolve_hue_mode("exact", gpu=True) == "float"          # the GPU graph: DALI arithmetic
-    assert dl.resolve_hue_mode("linear", gpu=False) == "linear"
-    assert dl.resolve_hue_mode("float", gpu=False) == "float"
+    assert dm.resolve_hue_mode("exact", gpu=True) == "float"          # the GPU graph: DALI arithmetic
+    assert dm.resolve_hue_mode("linear", gpu=False) == "linear"
+    assert dm.resolve_hue_mode("float", gpu=False) == "float"
     with pytest.raises(ValueError, match="hue_mode"):
-        dl.resolve_hue_mode("pil", gpu=False)
-    if pil_hue.available():
-        assert dl.resolve_hue_mode("exact", gpu=False) == "pil"
-    monkeypatch.setattr(pil_hue, "available", lambda: False)
-    monkeypatch.setattr(dl, "_WARNED_NO_NUMBA", [])
-    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_loader"):
-        assert dl.resolve_hue_mode("exact", gpu=False) == "float"
-        assert dl.resolve_hue_mode("exact", gpu=False) == "float"
+        dm.resolve_hue_mode("pil", gpu=False)
+    if multicrop_op.numba_available():
+        assert dm.resolve_hue_mode("exact", gpu=False) == "numba"
+    monkeypatch.setattr(multicrop_op, "numba_available", lambda: False)
+    monkeypatch.setattr(dm, "_WARNED_NO_NUMBA", [])
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_multicrop"):
+        assert dm.resolve_hue_mode("exact", gpu=False) == "float"
+        assert dm.resolve_hue_mode("exact", gpu=False) == "float"
     assert caplog.text.count("numba is not installed") == 1
 
 
@@ -194,7 +199,7 @@ def test_color_jitter_order_matches_pil(hue_mode="float"):
             return fn.external_source(source=lambda: [np.array(v, dtype=dtype)] * n, batch=True)
         params = {"brightness": const(b), "contrast": const(c), "saturation": const(sat), "hue": const(hue),
                   "order": fn.external_source(source=lambda: [np.array(o, np.int32) for o in order_of], batch=True)}
-        return dl._color_jitter(x, params, False, hue_mode)
+        return dm._color_jitter(x, params, False, hue_mode)
     pipe = jitter()
     pipe.build()
     out = pipe.run()[0]
@@ -203,7 +208,7 @@ def test_color_jitter_order_matches_pil(hue_mode="float"):
     refs = []
     for i in range(n):
         im = Image.fromarray(batch[i])
-        for op in dl._JITTER_ORDERS[order_of[i]]:
+        for op in recipe.JITTER_ORDERS[order_of[i]]:
             im = ops[op](im)
         refs.append(np.asarray(im).astype(int))
         diff = np.abs(np.asarray(out[i]).astype(int) - refs[-1])
@@ -246,7 +251,7 @@ def dali_params(scenes, request):
     """DALI crops and their random parameters (build_pipeline(debug=True)), per crop kind: the exact
     CPU path (the fused kernel) and the operator graph (what the GPU runs)."""
     path, _ = scenes
-    pipe = dl.build_pipeline([path], [str(index_path(path))], 40, global_size=32, local_size=16, crop_scale=0.4,
+    pipe = dm.build_pipeline([path], [str(index_path(path))], 40, global_size=32, local_size=16, crop_scale=0.4,
                              n_local=6, shuffle_buffer=1, seed=3, reader_seed=4, num_threads=2, debug=True,
                              hue_mode=request.param)
     params, pixels = defaultdict(list), defaultdict(list)
@@ -257,7 +262,7 @@ def dali_params(scenes, request):
             kind = KINDS[min(j, 2)]
             params[kind].append(np.asarray(debug[j].as_tensor()))
             pixels[kind].append(np.asarray(crops[j].as_tensor()))
-    return ({k: dict(zip(dl.DEBUG_FIELDS, np.concatenate(v).T)) for k, v in params.items()},
+    return ({k: dict(zip(dm.DEBUG_FIELDS, np.concatenate(v).T)) for k, v in params.items()},
             {k: np.concatenate(v) for k, v in pixels.items()})
 
 
@@ -304,7 +309,7 @@ def test_color_jitter_params_match_torchvision(dali_params, torchvision_params, 
     chi2 = ((freq - len(order) / 24) ** 2 / (len(order) / 24)).sum()
     assert chi2 < 60, chi2                                          # 23 dof: P(chi2 > 60) < 1e-4
     names = ("brightness", "contrast", "saturation", "hue")
-    first = Counter(names[dl._JITTER_ORDERS[o][0]] for o in order[on])
+    first = Counter(names[recipe.JITTER_ORDERS[o][0]] for o in order[on])
     tv_first = Counter(tv["first"])
     for op in names:                                                # the op applied first: 1/4 each
         assert z_two(first[op], int(on.sum()), tv_first[op], len(tv["first"])) < 4, op
@@ -365,12 +370,10 @@ def jpeg_scenes(tmp_path_factory):
 def test_exact_cpu_pipeline_equals_torchvision_crops(jpeg_scenes):
     """The whole DALI CPU pipeline (decode + fused kernel) gives, for the random parameters it drew,
     exactly the crops torchvision makes from the PIL-decoded JPEG with those parameters (the kernel
-    equals torchvision's functions: tests/test_pil_crop.py)."""
+    equals torchvision's functions: tests/test_multicrop.py)."""
     pytest.importorskip("numba")
-    from cosmos_fast.data.pil_crop import PARAM_FIELDS, augment_crop
-
     path, images = jpeg_scenes
-    pipe = dl.build_pipeline([path], [str(index_path(path))], 12, global_size=48, local_size=20, crop_scale=0.4,
+    pipe = dm.build_pipeline([path], [str(index_path(path))], 12, global_size=48, local_size=20, crop_scale=0.4,
                              n_local=6, shuffle_buffer=1, seed=11, reader_seed=2, num_threads=2, debug=True)
     checked = Counter()
     for run in range(2):
@@ -379,7 +382,7 @@ def test_exact_cpu_pipeline_equals_torchvision_crops(jpeg_scenes):
         for i in range(12):
             img = images[run * 12 + i]                   # no shuffling: the shard's order
             for j in range(8):
-                p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+                p = dict(zip(dm.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
                 assert (p["img_h"], p["img_w"]) == (img.height, img.width)
                 want = augment_crop(np.asarray(img), [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
                 assert np.array_equal(np.asarray(crops[j][i]), want), (run, i, j, p)
@@ -467,8 +470,6 @@ def test_gray16_png_same_pixels_in_both_backends(tmp_path):
     scaling (decode_image): the index keeps it, and the exact pipeline's crops equal torchvision's crops
     of decode_image's pixels."""
     pytest.importorskip("numba")
-    from cosmos_fast.data.loader import decode_image
-    from cosmos_fast.data.pil_crop import PARAM_FIELDS, augment_crop
     from tests.test_loader import png16, record
 
     full = np.arange(65536, dtype=np.uint16).reshape(256, 256)       # every 16-bit value
@@ -480,13 +481,13 @@ def test_gray16_png_same_pixels_in_both_backends(tmp_path):
                      for ext, d in (("png", png), ("json", json.dumps(record(i)).encode()))))
     assert write_index(path)["skipped"] == {}
     images = [np.asarray(decode_image(d).convert("RGB")) for d in data]
-    pipe = dl.build_pipeline([str(path)], [str(index_path(path))], 8, global_size=48, local_size=20, crop_scale=0.4,
+    pipe = dm.build_pipeline([str(path)], [str(index_path(path))], 8, global_size=48, local_size=20, crop_scale=0.4,
                              n_local=2, shuffle_buffer=1, seed=3, reader_seed=2, num_threads=2, debug=True)
     out = pipe.run()
     crops, debug = out[:4], out[5:]
     for i, img in enumerate(images):
         for j in range(4):
-            p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+            p = dict(zip(dm.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
             assert (p["img_h"], p["img_w"]) == img.shape[:2]
             want = augment_crop(img, [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
             assert np.array_equal(np.asarray(crops[j][i]), want), (i, j, p)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cosmos_fast.config import ConfigError, list_presets, load_config, validate
-from cosmos_fast.data.loader import expand_shards
+from cosmos_fast.data.stream import expand_shards
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.model import create_model, save_checkpoint
 from cosmos_fast.train import main as train_main

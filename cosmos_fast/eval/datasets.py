@@ -280,7 +280,7 @@ def load_shard_retrieval_set(pattern: str) -> RetrievalSet:
     joins sources; json field ``retrieval_captions``), decoded into memory as a set named
     ``val_shards``. Local shards are checked to exist first: one error naming the pattern and how many
     of its files exist."""
-    from ..data.loader import expand_shards, missing_local_shards
+    from ..data.stream import expand_shards, missing_local_shards
     from .retrieval import load_retrieval_shards
 
     urls = expand_shards(pattern)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.loader import worker_loader_kwargs
+from ..data.torchvision_loader import worker_loader_kwargs
 from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, MissingAnnotationError, RetrievalSet,
                        load_imagenet, load_retrieval_set, load_shard_retrieval_set, load_sun397)
 from .distributed import Shards, autocast, gathered_parameters, unwrap

@@ -44,7 +44,7 @@ def load_retrieval_shards(urls, caption_key: str = "retrieval_captions"):
     from webdataset import tariterators
 
     from ..data.captions import SampleError
-    from ..data.loader import decode_image, parse_json
+    from ..data.stream import decode_image, parse_json
 
     images, captions, owner = [], [], []
     for url in urls:

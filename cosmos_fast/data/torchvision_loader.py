@@ -1,78 +1,40 @@
-"""Webdataset shards → COSMOS batches, deterministic and resumable.
+"""The torchvision backend: webdataset shards → COSMOS batches in data-loader worker processes, with
+torchvision's PIL ops or the fused Numba kernel (``data.augment``), deterministic and resumable.
 
-Interface shared by every data backend (torchvision here, DALI in its own module): a loader is an
-iterable of batches ``{"crops": [n_crops × (B,3,H,W)], "captions": (K·B, L) caption-major,
-"skipped": {reason: count}}`` with ``set_epoch``, ``steps_per_epoch``, ``state_dict`` and
-``load_state_dict`` (its position). Caption sampling and tokenisation are shared Python.
+Each (rank, worker) reads its shards of the epoch (:func:`~.stream.epoch_shard_order`, then split by
+rank and worker) through webdataset's tar iterators and a seeded shuffle buffer; every random choice
+derives from (seed, epoch, rank, worker, position), so a resumed run fast-forwards to the same place.
+``cosmos_fast/data/README.md`` describes the order, resume and worker start-up in full.
 
-Order (cosmos_method.md §4.5). For epoch e the shard list is shuffled with seed + e, identically on
-every rank, then split by rank and by data-loader worker (the official assertion
-#shards ≥ workers × ranks is checked at start). Each worker reads its shards in that order through
-webdataset's tar iterators, shuffles samples through a buffer (5000, filled to 1000 before the
-first yield) and batches B valid samples. A worker that runs out of shards starts another pass over
-them, reshuffled, so that every worker yields exactly ``steps_per_epoch / workers`` batches
-(webdataset's ``with_epoch``). In resampled mode shards are drawn with replacement instead.
-
-Determinism and resume. Every random choice is derived from (seed, epoch, rank, worker, position):
-shard order, sample shuffle and, per sample, the crops and the caption draw. The position is the
-number of batches consumed in the epoch. To resume, each worker re-reads its stream from the epoch
-start and fast-forwards the batches already consumed — decoding images (so that skipped samples
-are skipped again at the same places) but without augmentation or tokenisation — and the workers
-are rotated so the round-robin order of the data loader continues where it stopped.
-
-Bad data. A sample without an image or a json record, an image PIL cannot decode or DALI's decoder
-does not read (:func:`decode_image`), a json record that does not parse for any reason (invalid,
-nested too deep for Python's parser, over :data:`MAX_JSON_BYTES`) or cannot be sampled (see
-:mod:`.captions`) is counted by reason, logged with its shard and key, and skipped: no exception
-raised while decoding one sample stops training. A truncated or unreadable tar is logged and the
-shard is skipped. Both backends and ``make-shards`` apply the same checks under the same reasons.
-
-Shard URLs are opened by webdataset: ``pipe:CMD`` runs CMD in a shell (webdataset's design), so a
-shard list or config written by someone else can run commands; ``allow_pipe=False`` refuses such
-URLs (:func:`check_pipe_urls`).
-
-Worker processes start with ``forkserver`` by default (``data.worker_start``): they fork from a
-clean single-threaded server instead of from the training process, whose thread pools (OpenMP,
-gloo, DALI, CUDA) a plain ``fork`` copies in an undefined state. ``fork`` remains available. As with
-any forkserver/spawn program, a script of your own that iterates a loader needs the
-``if __name__ == "__main__":`` guard (workers re-import the main module).
+Worker processes start with ``forkserver`` by default (``data.worker_start``); a script of your own
+that iterates a loader needs the ``if __name__ == "__main__":`` guard (workers re-import the main module).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import itertools
-import json
 import logging
-import math
 import multiprocessing
 import os
 import random
 import sys
 from collections import Counter
-from pathlib import Path
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from webdataset import tariterators
+from webdataset.filters import shuffle
 
+from ..ops.multicrop import augment_crop
 from . import lifeline
 from .captions import SampleError, Tokenizer, caption_pool, sample_captions
+from .stream import (IMAGE_KEYS, WORKER_START_METHODS, SkipCounter, StreamSpec, caption_major, check_pipe_urls,
+                     decode_image, derive_seed, epoch_shard_order, local_tar_problem, parse_json)
 from .transforms import FusedMultiCropTransform, MultiCropTransform, resolve_augment, seeded
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
-# PIL format names DALI's image decoder reads (MPO: a camera JPEG with extra frames, decoded by both as
-# its first): any other format (e.g. a GIF named .jpg) is skipped as unsupported_image_format by both
-# backends, since DALI would drop its whole batch at run time
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000")
-MAX_JSON_BYTES = 1 << 20          # a sample's json beyond this is bad_json (captions are a few kB)
-SHELL_SCHEMES = ("pipe", "s3")    # URL schemes whose shards are read by running a shell command
-_LOG_PER_REASON = 10
-WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 _WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [worker pid %(process)d]: %(message)s"
 
 
@@ -123,170 +85,15 @@ def worker_loader_kwargs(num_workers: int, method: str = "forkserver") -> dict:
                                                 logging.getLogger("cosmos_fast").getEffectiveLevel())}
 
 
-def expand_shards(spec: str | list) -> list[str]:
-    """Brace patterns and ``::``-joined sources to a flat list of shard URLs."""
-    from braceexpand import braceexpand
-
-    parts = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
-    urls = [u for part in parts for u in braceexpand(part.strip()) if u]
-    if not urls:
-        raise ValueError(f"data.train_shards {spec!r} expands to no shard")
-    return urls
-
-
-def check_pipe_urls(urls, allow_pipe: bool, field: str = "data.train_shards") -> None:
-    """With ``allow_pipe=False``, refuse shard URLs that run a shell command: webdataset's ``pipe:CMD``
-    and ``s3://`` (which the DALI backend reads through ``pipe:aws s3 cp URL -``). The scheme is
-    parsed as webdataset parses it (case and leading blanks ignored)."""
-    from urllib.parse import urlparse
-
-    if allow_pipe:
-        return
-    for url in urls:
-        if urlparse(str(url)).scheme.lower() in SHELL_SCHEMES:
-            raise ValueError(f"{field} URL {url!r} runs a shell command ({urlparse(str(url)).scheme}:) but "
-                             f"data.allow_pipe is false; use local paths or http(s) URLs, or set "
-                             f"data.allow_pipe=true if you trust this shard list")
-
-
-def parse_json(data: bytes):
-    """A sample's json record. Any failure is :class:`SampleError` ``bad_json``: invalid json, a record
-    over :data:`MAX_JSON_BYTES`, or one nested too deep for Python's parser (RecursionError)."""
-    if len(data) > MAX_JSON_BYTES:
-        raise SampleError("bad_json", f"json of {len(data)} bytes is over the {MAX_JSON_BYTES}-byte limit per sample")
-    try:
-        return json.loads(data)
-    except Exception as e:        # ValueError, UnicodeDecodeError, RecursionError, ...
-        raise SampleError("bad_json", f"{type(e).__name__}: {str(e)[:200]}") from None
-
-
-def _is_gray16(img: Image.Image) -> bool:
-    """16-bit grayscale: mode I;16 (I;16B, ...), or I from a PNG (older Pillow reads 16-bit PNGs as I)."""
-    return img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
-
-
-def decode_image(data: bytes, formats=IMAGE_FORMATS) -> Image.Image:
-    """A sample's image, fully decoded to 8 bits per channel as both backends see it, else
-    :class:`SampleError`: ``corrupt_image`` (PIL fails, whatever it raises) or
-    ``unsupported_image_format`` (a format outside ``formats``; a 32-bit or float image).
-
-    16-bit grayscale is scaled to 8 bits as round(v / 257) — the exact map of 0..65535 onto 0..255,
-    and what DALI's decoder does (tests/test_dali.py) — where ``convert("RGB")`` would clip it to
-    white. Other 16-bit PNGs (RGB, RGBA, LA) are read by PIL as v >> 8 and by DALI rounded: at most
-    one level apart."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:        # PIL raises many types for corrupt data
-        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
-    if formats is not None and img.format not in formats:
-        raise SampleError("unsupported_image_format", f"{img.format} image (DALI decodes {', '.join(formats)})")
-    if _is_gray16(img):
-        v = np.asarray(img).astype(np.int64).clip(0, 65535)
-        return Image.fromarray(((v + 128) // 257).astype(np.uint8))           # mode L, round(v / 257)
-    if img.mode in ("I", "F") or img.mode.startswith("I;"):
-        raise SampleError("unsupported_image_format", f"{img.format} image of mode {img.mode} (32-bit or float)")
-    return img
-
-
-def _seed(*parts) -> int:
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
-
-
-def steps_per_epoch(num_samples: int, global_batch: int, num_workers: int) -> int:
-    """Official sizing: ceil(N / B_g) rounded up to a multiple of the worker count."""
-    w = max(1, num_workers)
-    steps = math.ceil(num_samples / global_batch)
-    return math.ceil(steps / w) * w
-
-
-@dataclass
-class StreamSpec:
-    shards: list
-    batch_size: int
-    seed: int
-    rank: int
-    world: int
-    num_workers: int
-    steps_per_epoch: int
-    resampled: bool
-    shuffle_buffer: int
-    shuffle_initial: int
-    caption_mode: str
-    num_captions: int
-    string_fields: str
-    global_size: int
-    local_size: int
-    n_local: int
-    crop_scale: float
-    tokenizer_name: str
-    context_length: int
-    worker_start: str = "forkserver"
-    augment: str = "pil"          # pil: torchvision's PIL ops; fused: the same crops from pil_crop's kernel
-    allow_pipe: bool = True       # False: refuse shard URLs that run a shell command (check_pipe_urls)
-
-
-class _Skips:
-    def __init__(self, worker: int):
-        self.counts = Counter()
-        self.worker = worker
-
-    def add(self, reason: str, url: str, key: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        n = self.counts[reason]
-        if n <= _LOG_PER_REASON:
-            log.warning("skipping sample %r in %s: %s%s", key, url, reason, f" ({detail})" if detail else "")
-            if n == _LOG_PER_REASON:
-                log.warning("worker %d: further %r skips are counted but not logged", self.worker, reason)
-
-
-def local_path(url: str) -> str | None:
-    """The file path of a local shard URL (plain or ``file:``); None for a URL with a scheme
-    (``pipe:``, ``http://``, ``s3://``, ...), which is left to the reader."""
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if ":" in path.split("/")[0] or path.startswith("pipe:"):
-        return None
-    return path
-
-
-def missing_local_shards(urls) -> list[str]:
-    """The local shard URLs among ``urls`` whose file does not exist."""
-    return [url for url in urls if (path := local_path(url)) is not None and not Path(path).is_file()]
-
-
-def local_tar_problem(url: str) -> str | None:
-    """For a local shard, why it is not a complete tar archive (None when it looks complete).
-
-    A tar ends with two zero blocks and is a whole number of 512-byte blocks; a file cut short
-    (an interrupted copy or download) fails this test, while tarfile would silently stop early."""
-    path = local_path(url)
-    if path is None:
-        return None                                     # remote or piped: left to the tar reader
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            if size < 1024 or size % 512:
-                return f"size {size} is not a whole number of tar blocks"
-            fh.seek(size - 1024)
-            if fh.read(1024).strip(b"\0"):
-                return "no end-of-archive marker (truncated?)"
-    except OSError as e:
-        return f"cannot read: {e}"
-    return None
-
-
-def _tar_samples(url: str, skips: _Skips):
+def _tar_samples(url: str, skips: SkipCounter):
     """Samples ({'__key__', ext: bytes, '__url__'}) of one shard via webdataset's tar iterators."""
-    from webdataset import tariterators
-
     problem = local_tar_problem(url)
     if problem:
-        skips.add("bad_shard", url, "-", problem)
+        skips.add("bad_shard", where=_where(url, "-"), detail=problem)
         return
 
     def handler(exn):
-        skips.add("bad_shard", url, "-", repr(exn))
+        skips.add("bad_shard", where=_where(url, "-"), detail=repr(exn))
         return False        # stop reading this shard, go on with the next one
 
     files = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}], handler=handler),
@@ -294,12 +101,16 @@ def _tar_samples(url: str, skips: _Skips):
     yield from tariterators.group_by_keys(files, handler=handler)
 
 
+def _where(url: str, key: str) -> str:
+    return f"sample {key!r} in {url}"
+
+
 class SampleStream:
     """The deterministic sample → batch stream of one (rank, logical worker) for one epoch."""
 
     def __init__(self, spec: StreamSpec, epoch: int, worker: int):
         self.spec, self.epoch, self.worker = spec, epoch, worker
-        self.skips = _Skips(worker)
+        self.skips = SkipCounter(f"worker {worker}: ")
         self._transform = None
         self._tokenizer = None
 
@@ -308,7 +119,7 @@ class SampleStream:
         """Raw tar samples: endless passes over this worker's shards (or resampled shards)."""
         s = self.spec
         if s.resampled:
-            rng = random.Random(_seed(s.seed, self.epoch, s.rank, self.worker, 1))
+            rng = random.Random(derive_seed(s.seed, self.epoch, s.rank, self.worker, 1))
             empty = 0
             while True:
                 n = 0
@@ -319,13 +130,12 @@ class SampleStream:
                 if empty > 100:
                     raise RuntimeError(f"rank {s.rank} worker {self.worker}: 100 resampled shards in a row "
                                        f"held no readable sample (shards: {s.shards[:3]} ...)")
-        order = list(s.shards)
-        random.Random(s.seed + self.epoch).shuffle(order)          # same on every rank
+        order = epoch_shard_order(s.shards, s.seed, self.epoch)
         mine = order[s.rank::s.world][self.worker::max(1, s.num_workers)]
         for p in itertools.count():
             pass_order = list(mine)
             if p:
-                random.Random(_seed(s.seed, self.epoch, s.rank, self.worker, 2, p)).shuffle(pass_order)
+                random.Random(derive_seed(s.seed, self.epoch, s.rank, self.worker, 2, p)).shuffle(pass_order)
             n = 0
             for url in pass_order:
                 for sample in _tar_samples(url, self.skips):
@@ -335,11 +145,9 @@ class SampleStream:
                 raise RuntimeError(f"rank {s.rank} worker {self.worker}: shards {mine[:5]} hold no readable sample")
 
     def _shuffled(self):
-        from webdataset.filters import shuffle
-
         s = self.spec
         buffered = shuffle(s.shuffle_buffer, s.shuffle_initial,
-                           seed=_seed(s.seed, self.epoch, s.rank, self.worker, 3))
+                           seed=derive_seed(s.seed, self.epoch, s.rank, self.worker, 3))
         return buffered(iter(self._raw_samples()))
 
     # ------------------------------------------------------------ samples
@@ -348,17 +156,17 @@ class SampleStream:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         img_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if img_key is None:
-            self.skips.add("missing_image", url, key)
+            self.skips.add("missing_image", where=_where(url, key))
             return None
         if "json" not in sample:
-            self.skips.add("missing_json", url, key)
+            self.skips.add("missing_json", where=_where(url, key))
             return None
         try:
             record = parse_json(sample["json"])
             caption_pool(record, self.spec.caption_mode, self.spec.string_fields)
             img = decode_image(sample[img_key])
         except SampleError as e:              # bad_json, caption reasons, corrupt or unsupported image
-            self.skips.add(e.reason, url, key, str(e))
+            self.skips.add(e.reason, where=_where(url, key), detail=str(e))
             return None
         return img, record
 
@@ -368,7 +176,7 @@ class SampleStream:
             cls = FusedMultiCropTransform if s.augment == "fused" else MultiCropTransform
             self._transform = cls(s.global_size, s.local_size, s.crop_scale, 2, s.n_local)
             self._tokenizer = Tokenizer(s.tokenizer_name, s.context_length)
-        seed = _seed(s.seed, self.epoch, s.rank, self.worker, 4, position)
+        seed = derive_seed(s.seed, self.epoch, s.rank, self.worker, 4, position)
         with seeded(seed):
             crops = self._transform(img)
         captions = sample_captions(record, random.Random(seed), s.num_captions, s.caption_mode, s.string_fields)
@@ -403,7 +211,7 @@ class SampleStream:
     def _collate(self, samples):
         crops = [torch.stack([s[0][i] for s in samples]) for i in range(len(samples[0][0]))]
         tokens = torch.stack([s[1] for s in samples])                      # B × K × L
-        return {"crops": crops, "captions": tokens.transpose(0, 1).reshape(-1, tokens.shape[-1]),
+        return {"crops": crops, "captions": caption_major(tokens),
                 "keys": [s[2] for s in samples], "skipped": dict(self.skips.counts), "worker": self.worker}
 
 
@@ -437,8 +245,6 @@ class WebDatasetLoader:
         spec = dataclasses.replace(spec, augment=resolve_augment(spec.augment))
         if spec.augment == "fused":
             # compile (or load from Numba's disk cache) here once, so the workers only load the cache
-            from .pil_crop import augment_crop
-
             augment_crop(np.zeros((2, 2, 3), np.uint8), [0, 0, 2, 2] + [0] * 11, 16)
         self.spec = spec
         self.epoch = 0

@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .reference.cross_pool import cross_pool_reference
+from ..reference.cross_pool import cross_pool_reference
 
 CROSS_POOL_IMPLS = ("fused", "absorbed", "shared", "reference")
 CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
@@ -92,7 +92,7 @@ def cross_pool(pooler, context: torch.Tensor, queries: torch.Tensor, impl: str =
     if impl == "reference":
         return cross_pool_reference(pooler, context, queries)
     if impl == "fused":
-        from .fused_cross_pool import cross_pool_fused   # lazy: imports triton
+        from ..fused_cross_pool import cross_pool_fused   # lazy: imports triton
 
         return cross_pool_fused(pooler, context, queries)
     return F.normalize(queries + pooler(context, queries, absorbed=impl == "absorbed"), dim=-1)
