@@ -357,7 +357,7 @@ class _EpochStream:
 
     # ----------------------------------------------------------------- one pipeline run
     def _to_torch(self, tl):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray   # lazy: DALI is optional
 
         t = tl.as_tensor()
         out = torch.empty(t.shape(), dtype=torch.float32, device=self.loader.device)

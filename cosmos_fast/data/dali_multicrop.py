@@ -18,8 +18,6 @@ from .stream import IMAGE_KEYS
 log = logging.getLogger(__name__)
 
 HUE_MODES = ("exact", "float", "linear")      # DaliWebDatasetLoader(hue_mode=...)
-
-
 _WARNED_NO_NUMBA: list = []
 
 
