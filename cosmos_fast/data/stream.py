@@ -70,7 +70,6 @@ class StreamSpec:
     allow_pipe: bool = True       # False: refuse shard URLs that run a shell command (check_pipe_urls)
 
 
-
 class Loader(typing.Protocol):
     """The interface of both backends (:mod:`.torchvision_loader`, :mod:`.dali_loader`)."""
 
