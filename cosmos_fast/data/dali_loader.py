@@ -33,8 +33,8 @@ from .captions import SampleError, Tokenizer, sample_captions
 from .dali_multicrop import batch_sources, build_pipeline, resolve_hue_mode
 from .lifeline import die_with_parent
 from .shards import ShardError, index_path, read_report, write_index
-from .stream import (SkipCounter, StreamSpec, caption_major, check_pipe_urls, derive_seed, epoch_shard_order,
-                     local_tar_problem, parse_json)
+from .stream import (RunSkips, SkipCounter, StreamSpec, caption_major, check_pipe_urls, derive_seed,
+                     epoch_shard_order, local_tar_problem, parse_json)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Chunk:
                       self.cp_before, self.cp_before_runs)
 
 
-class DaliWebDatasetLoader:
+class DaliWebDatasetLoader(RunSkips):
     """Multi-crop COSMOS batches from webdataset shards with NVIDIA DALI (CUDA or CPU).
 
     Args:
@@ -145,18 +145,13 @@ class DaliWebDatasetLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self._skips_before += self._skips.counts
+            self._fold_epoch_skips()
             self.epoch, self.consumed = epoch, 0
             self._skips.counts, self._position, self._discard, self._started = Counter(), None, 0, False
             self._close_stream()
 
     def epoch_skips(self) -> dict:
         return dict(self._skips.counts)
-
-    @property
-    def skipped(self) -> dict:
-        """Cumulative skip counts by reason over the run (this rank)."""
-        return dict(self._skips_before + self._skips.counts)
 
     def __iter__(self):
         while self.consumed < self.spec.steps_per_epoch:

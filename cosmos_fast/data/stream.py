@@ -136,6 +136,26 @@ class SkipCounter:
                 log.warning("%sfurther %r skips are counted but not logged", self.prefix, reason)
 
 
+class RunSkips:
+    """Base of both loaders: the run's skip counts are the past epochs' (folded in when the epoch
+    changes) plus this epoch's (the loader's ``epoch_skips()``)."""
+
+    _skips_before: Counter
+
+    def epoch_skips(self) -> dict:
+        raise NotImplementedError
+
+    def _fold_epoch_skips(self) -> None:
+        self._skips_before += Counter(self.epoch_skips())
+
+    @property
+    def skipped(self) -> dict:
+        """Cumulative skip counts by reason over the run (this rank)."""
+        total = Counter(self._skips_before)
+        total.update(self.epoch_skips())
+        return dict(total)
+
+
 def steps_per_epoch(num_samples: int, global_batch: int, num_workers: int) -> int:
     """Official sizing: ceil(N / B_g) rounded up to a multiple of the worker count."""
     w = max(1, num_workers)

@@ -29,8 +29,8 @@ from webdataset.filters import shuffle
 from ..ops.multicrop import augment_crop
 from . import lifeline
 from .captions import SampleError, Tokenizer, caption_pool, sample_captions
-from .stream import (IMAGE_KEYS, WORKER_START_METHODS, SkipCounter, StreamSpec, caption_major, check_pipe_urls,
-                     decode_image, derive_seed, epoch_shard_order, local_tar_problem, parse_json)
+from .stream import (IMAGE_KEYS, WORKER_START_METHODS, RunSkips, SkipCounter, StreamSpec, caption_major,
+                     check_pipe_urls, decode_image, derive_seed, epoch_shard_order, local_tar_problem, parse_json)
 from .transforms import FusedMultiCropTransform, MultiCropTransform, resolve_augment, seeded
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         yield from SampleStream(self.spec, self.epoch, logical).batches(skip)
 
 
-class WebDatasetLoader:
+class WebDatasetLoader(RunSkips):
     """Multi-crop COSMOS batches from webdataset shards with the torchvision backend."""
 
     def __init__(self, spec: StreamSpec):
@@ -258,20 +258,13 @@ class WebDatasetLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self._skips_before += Counter(self.epoch_skips())
+            self._fold_epoch_skips()
             self.epoch, self.consumed, self._worker_skips = epoch, 0, {}
 
     def epoch_skips(self) -> dict:
         total = Counter()
         for counts in self._worker_skips.values():
             total.update(counts)
-        return dict(total)
-
-    @property
-    def skipped(self) -> dict:
-        """Cumulative skip counts by reason over the run (this rank)."""
-        total = Counter(self._skips_before)
-        total.update(self.epoch_skips())
         return dict(total)
 
     def __iter__(self):
