@@ -7,12 +7,12 @@ Shards of synthetic photos (JPEG, 500×375 by default, with DreamLIP json) are w
 writer (validated DALI indexes). Providers:
 
 * ``torchvision``: :class:`WebDatasetLoader` with ``--threads`` worker processes (1 torch thread each),
-  torchvision's PIL ops (``augment="pil"``);
+  torchvision's PIL ops (``augment="torchvision"``);
 * ``torchvision-fused``: the same loader with ``augment="fused"`` (the same crops from the Numba kernel;
   its first batch is checked equal to ``torchvision``'s, bit for bit, before timing);
 * ``dali``: :class:`DaliWebDatasetLoader` with ``--threads`` DALI threads, ``hue_mode="exact"`` (the
   default: on the CPU, with numba, one fused kernel per crop that equals torchvision's crops bit for
-  bit, :mod:`cosmos_fast.data.pil_crop`; on the GPU the operator graph);
+  bit, :mod:`cosmos_fast.ops.multicrop`; on the GPU the operator graph);
 * ``dali-float-hue``: ``hue_mode="float"`` (the HSV shift in DALI arithmetic, as on the GPU);
 * ``dali-linear-hue``: ``hue_mode="linear"`` (``fn.hsv``; approximate hue).
 
@@ -33,6 +33,7 @@ import dataclasses
 import io
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -43,9 +44,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import add_record_arg, env_info, record, write_csv  # noqa: E402
-from cosmos_fast.data.loader import StreamSpec, WebDatasetLoader  # noqa: E402
-from cosmos_fast.data.shards import ShardWriter  # noqa: E402
+from cosmos_fast.data import dali_multicrop  # noqa: E402
+from cosmos_fast.data.dali_loader import DaliWebDatasetLoader  # noqa: E402
+from cosmos_fast.data.recipe import PARAM_FIELDS  # noqa: E402
+from cosmos_fast.data.shards import ShardWriter, index_path  # noqa: E402
+from cosmos_fast.data.stream import StreamSpec  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
+from cosmos_fast.data.torchvision_loader import WebDatasetLoader  # noqa: E402
+from cosmos_fast.reference import multicrop as multicrop_ref  # noqa: E402
 
 N_CROPS = 8
 
@@ -71,11 +77,9 @@ def make_spec(shards, batch, steps, threads) -> StreamSpec:
 
 def make_loader(provider: str, spec: StreamSpec, device: str):
     if provider == "torchvision":
-        return WebDatasetLoader(dataclasses.replace(spec, augment="pil"))
+        return WebDatasetLoader(dataclasses.replace(spec, augment="torchvision"))
     if provider == "torchvision-fused":
         return WebDatasetLoader(dataclasses.replace(spec, augment="fused"))
-    from cosmos_fast.data.dali_loader import DaliWebDatasetLoader
-
     hue = {"dali-linear-hue": "linear", "dali-float-hue": "float"}.get(provider, "exact")
     return DaliWebDatasetLoader(spec, device=device, num_threads=spec.num_workers, hue_mode=hue)
 
@@ -123,24 +127,18 @@ def check_exact(shard: str, n: int, threads: int) -> int:
     bit for bit, torchvision's crops of the PIL-decoded JPEGs made with the random parameters DALI drew
     (``reference_crop``: torchvision's functions, as MultiCropTransform calls them). Returns the number
     of crops compared; exits with a message on the first difference."""
-    import tarfile
-
-    from cosmos_fast.data import dali_loader as dl
-    from cosmos_fast.data.pil_crop import PARAM_FIELDS, reference_crop
-    from cosmos_fast.data.shards import index_path
-
     with tarfile.open(shard) as tf:
         names = [m for m in tf.getmembers() if m.name.endswith(".jpg")][:n]
         images = [Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB") for m in names]
-    pipe = dl.build_pipeline([shard], [str(index_path(shard))], n, global_size=224, local_size=96, crop_scale=0.4,
-                             n_local=N_CROPS - 2, shuffle_buffer=1, seed=0, reader_seed=0, num_threads=threads,
-                             debug=True)
+    pipe = dali_multicrop.build_pipeline([shard], [str(index_path(shard))], n, global_size=224, local_size=96,
+                                         crop_scale=0.4, n_local=N_CROPS - 2, shuffle_buffer=1, seed=0,
+                                         reader_seed=0, num_threads=threads, debug=True)
     out = pipe.run()
     crops, debug = out[:N_CROPS], out[N_CROPS + 1:]
     for i, img in enumerate(images):
         for j in range(N_CROPS):
-            p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
-            want = reference_crop(img, {f: p[f] for f in PARAM_FIELDS}, 224 if j < 2 else 96)
+            p = dict(zip(dali_multicrop.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+            want = multicrop_ref.reference_crop(img, {f: p[f] for f in PARAM_FIELDS}, 224 if j < 2 else 96)
             got = np.asarray(crops[j][i])
             if not np.array_equal(got, want):
                 raise SystemExit(f"dali: crop {j} of {names[i].name} differs from torchvision's "
@@ -180,9 +178,7 @@ def main(argv=None) -> int:
           f"{args.steps} timed batches × {args.reps} reps; {args.threads} threads; {env_info(device)}")
 
     if "dali" in args.providers and args.device == "cpu":
-        from cosmos_fast.data import dali_loader as dl
-
-        if dl.resolve_hue_mode("exact", gpu=False) == "pil":
+        if dali_multicrop.resolve_hue_mode("exact", gpu=False) == "numba":
             t0 = time.perf_counter()
             k = check_exact(shards[0], 8, args.threads)
             print(f"dali (cpu, exact): {k} crops equal torchvision's, bit for bit ({time.perf_counter() - t0:.1f} s, "

@@ -311,13 +311,13 @@ def time_interleaved(paths: list[TrainPath], batch, warmup: int, reps: int, devi
 def time_loaders(shards: str, batch: int, global_size: int, local_size: int, workers: int, samples: int,
                  device: torch.device, backends=("torchvision", "dali")) -> list[dict]:
     """samples/s of each loader backend over the same shards (epoch 0 warms up, epoch 1 is timed)."""
-    from cosmos_fast.data.loader import StreamSpec, expand_shards
+    from cosmos_fast.data.stream import StreamSpec, expand_shards
 
     try:
         from cosmos_fast.data.backends import build_loader
     except Exception as e:                      # the DALI backend is optional / in development
         print(f"note: cosmos_fast.data.backends does not import ({type(e).__name__}: {e}); torchvision only")
-        from cosmos_fast.data.loader import WebDatasetLoader
+        from cosmos_fast.data.torchvision_loader import WebDatasetLoader
 
         def build_loader(spec, backend="torchvision", **kw):
             if backend != "torchvision":

@@ -24,7 +24,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 # package; tests/test_config_choices.py checks they equal the implementing modules' tuples.
 ContrastiveImpl = typing.Literal["fused", "blockwise", "reference"]
 CrossPoolImpl = typing.Literal["fused", "absorbed", "shared", "reference"]
-AugmentImpl = typing.Literal["auto", "pil", "fused"]
+AugmentImpl = typing.Literal["auto", "torchvision", "fused"]
 CaptionMode = typing.Literal["textcrop", "textcrop_pixelprose"]
 StringFieldPolicy = typing.Literal["split", "reject"]
 WorkerStartMethod = typing.Literal["forkserver", "spawn", "fork"]
@@ -89,7 +89,7 @@ class DataSection:
     batch_size: int = _f(64, "per-device batch B; the global batch is B × world size")
     expected_global_batch: typing.Optional[int] = _f(None, "if set, B × world size must equal it (checked at start)")
     num_workers: int = _f(4, "data-loader worker processes per rank")
-    augment: str = _f("auto", "how the torchvision backend makes crops: pil (torchvision's PIL ops), fused (the "
+    augment: str = _f("auto", "how the torchvision backend makes crops: torchvision (torchvision's PIL ops), fused (the "
                       "same crops bit for bit from a Numba kernel, faster; needs numba) or auto (fused when "
                       "numba is installed)")
     worker_start: str = _f("forkserver", "how workers start: forkserver (clean process, default), spawn or fork "
@@ -342,6 +342,16 @@ def describe() -> list[tuple[str, str, str]]:
     return rows
 
 
+RENAMED_AUGMENT = {"pil": "torchvision"}            # old data.augment value → its new name
+LOCAL_CROP_MIN_SCALE = 0.05      # local crops' area scale is [0.05, data.crop_scale] (§4.4)
+
+
+def check_crop_scale(value: float, field: str = "data.crop_scale") -> None:
+    """The one range check of the crop scale: global crops take [s, 1], local crops [0.05, s]."""
+    if not LOCAL_CROP_MIN_SCALE < value < 1.0:
+        raise ConfigError(f"config field {field} = {value} must lie in ({LOCAL_CROP_MIN_SCALE}, 1)")
+
+
 def _choice(path, value, choices):
     if value not in choices:
         raise ConfigError(f"config field {path} = {value!r} must be one of {list(choices)}")
@@ -366,6 +376,8 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
     _choice("data.caption_mode", d.caption_mode, MODES)
     _choice("data.string_fields", d.string_fields, STRING_FIELD_POLICIES)
     _choice("data.worker_start", d.worker_start, WORKER_START_METHODS)
+    if d.augment in RENAMED_AUGMENT:
+        raise ConfigError(f"config field data.augment = {d.augment!r} was renamed to {RENAMED_AUGMENT[d.augment]!r}")
     _choice("data.augment", d.augment, AUGMENT_IMPLS)
     _choice("model.pool_impl", cfg.model.pool_impl, ("auto",) + CROSS_POOL_IMPLS)
     _choice("model.loss_impl", cfg.model.loss_impl, ("auto",) + CONTRASTIVE_IMPLS)
@@ -397,8 +409,7 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
             raise ConfigError(f"config field {path} = {value} must be >= {lo}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"config field train.max_steps = {t.max_steps} must be >= 1 or null")
-    if not 0.05 < d.crop_scale < 1:
-        raise ConfigError(f"config field data.crop_scale = {d.crop_scale} must lie in (0.05, 1)")
+    check_crop_scale(d.crop_scale)
     if not 0 <= e.momentum <= 1:
         raise ConfigError(f"config field ema.momentum = {e.momentum} must lie in [0, 1]")
     if o.lr <= 0 or o.eps <= 0 or not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1) or o.weight_decay < 0:

@@ -25,10 +25,10 @@ from tqdm import tqdm
 from .checkpointing import (check_config_change, claim_output_dir, find_checkpoint, make_output_dir,
                             newest_checkpoint, rng_state, seed_everything, set_rng_state)
 from .config import Config, ConfigError, save_config, validate
-from .data import pil_hue
+from .ops.multicrop import numba_available
 from .data.backends import build_loader, resolve_backend
 from .data.captions import Tokenizer
-from .data.loader import StreamSpec, check_pipe_urls, expand_shards, missing_local_shards, steps_per_epoch
+from .data.stream import StreamSpec, check_pipe_urls, expand_shards, missing_local_shards, steps_per_epoch
 from .device import resolve_device
 from .ema import build_teacher
 from .engine import (activation_bytes, build_engine, free_memory_bytes, gathered, init_distributed, memory_plan,
@@ -75,8 +75,8 @@ def check_config(cfg: Config, world_size: int = 1, cuda: bool | None = None, che
         mcfg = resolve_model_config(cfg.model.name)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.name: {err}") from None
-    if d.augment == "fused" and not pil_hue.available():
-        raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use 'pil' or 'auto'")
+    if d.augment == "fused" and not numba_available():
+        raise ConfigError("config field data.augment = 'fused' needs numba (pip install numba); use 'torchvision' or 'auto'")
     for path, value in (("eval.retrieval_root", cfg.eval.retrieval_root), ("eval.imagenet_val", cfg.eval.imagenet_val),
                         ("eval.sun397_root", cfg.eval.sun397_root)):
         if value and not Path(value).is_dir():

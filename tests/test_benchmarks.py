@@ -373,6 +373,27 @@ def test_gpu_suite_is_valid_bash_and_checks_dependencies_first(tmp_path):
     assert not (REPO / "cosmos_fast" / "kernels").is_symlink()
 
 
+# ----------------------------------------------------------------------------- bench_multicrop
+def test_bench_multicrop_checks_equality_then_times(tmp_path, monkeypatch):
+    """The crop-kernel benchmark checks every numba crop against torchvision's before it times, refuses
+    to time a kernel whose crops differ, and writes one row per provider."""
+    pytest.importorskip("numba")
+    from benchmarks import bench_multicrop, harness
+    from cosmos_fast.reference import multicrop as multicrop_ref
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    args = ["--images", "2", "--size", "64x48", "--global-size", "32", "--local-size", "16", "--n-local", "2",
+            "--warmup", "0", "--reps", "1"]
+    assert bench_multicrop.main(args) == 0
+    rows = _read(next((tmp_path / "results" / "multicrop").glob("*.csv")))
+    assert [r["provider"] for r in rows] == ["torchvision", "numba"]
+    assert all(float(r["median_ms_per_image"]) > 0 for r in rows) and rows[0]["ratio_vs_torchvision"] == "1.0"
+    real = multicrop_ref.reference_crop
+    monkeypatch.setattr(multicrop_ref, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
+    with pytest.raises(SystemExit, match="differs from torchvision"):
+        bench_multicrop.main(args)
+
+
 # ----------------------------------------------------------------------------- bench_data
 def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     """The data benchmark compares DALI's CPU crops with torchvision's before it times, refuses to time
@@ -380,7 +401,7 @@ def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     pytest.importorskip("nvidia.dali")
     pytest.importorskip("numba")
     from benchmarks import bench_data, harness
-    from cosmos_fast.data import pil_crop
+    from cosmos_fast.reference import multicrop as multicrop_ref
 
     monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
     args = ["--images", "16", "--per-shard", "8", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--reps", "1",
@@ -394,7 +415,7 @@ def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     other = dict(batch, crops=[torch.full((1, 3, 4, 4), 1e-7)])
     with pytest.raises(SystemExit, match="differs from torchvision"):
         bench_data.check_same_batch(batch, other, "torchvision-fused")
-    real = pil_crop.reference_crop
-    monkeypatch.setattr(pil_crop, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
+    real = multicrop_ref.reference_crop
+    monkeypatch.setattr(multicrop_ref, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
     with pytest.raises(SystemExit, match="differs from torchvision"):
         bench_data.main(["--providers", "dali"] + args)

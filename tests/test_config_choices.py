@@ -9,14 +9,14 @@ import pytest
 
 from cosmos_fast import config
 from cosmos_fast import ops
-from cosmos_fast.data import captions, loader, transforms
+from cosmos_fast.data import captions, stream
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,module", [
-    ("CONTRASTIVE_IMPLS", ops), ("CROSS_POOL_IMPLS", ops), ("AUGMENT_IMPLS", transforms),
-    ("MODES", captions), ("STRING_FIELD_POLICIES", captions), ("WORKER_START_METHODS", loader)])
+    ("CONTRASTIVE_IMPLS", ops), ("CROSS_POOL_IMPLS", ops),        # data.augment: transforms reads config's
+    ("MODES", captions), ("STRING_FIELD_POLICIES", captions), ("WORKER_START_METHODS", stream)])
 def test_config_choices_equal_the_implementing_modules(name, module):
     assert getattr(config, name) == getattr(module, name)
 

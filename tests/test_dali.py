@@ -18,13 +18,17 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from cosmos_fast.data import dali_loader as dl  # noqa: E402
-from cosmos_fast.data import pil_hue  # noqa: E402
+from cosmos_fast.data import dali_multicrop as dm  # noqa: E402
+from cosmos_fast.data import recipe  # noqa: E402
 from cosmos_fast.data.backends import build_loader  # noqa: E402
-from cosmos_fast.data.captions import Tokenizer  # noqa: E402
-from cosmos_fast.data.loader import WebDatasetLoader  # noqa: E402
 from cosmos_fast.data.normalize import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from cosmos_fast.data.recipe import PARAM_FIELDS  # noqa: E402
 from cosmos_fast.data.shards import index_path, write_index  # noqa: E402
+from cosmos_fast.data.stream import decode_image  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
+from cosmos_fast.data.torchvision_loader import WebDatasetLoader  # noqa: E402
+from cosmos_fast.ops import multicrop as multicrop_op  # noqa: E402
+from cosmos_fast.ops.multicrop import augment_crop  # noqa: E402
 from tests.test_loader import spec, write_shards  # noqa: E402
 from multicrop_spy import spy_multicrop  # noqa: E402
 
@@ -70,29 +74,10 @@ def shards(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ layout, dtype, normalisation
-def test_batch_layout_matches_torchvision(shards):
-    sp = spec(shards, steps_per_epoch=2)
-    ref = next(iter(WebDatasetLoader(sp)))
-    loader = build_loader(sp, "dali", device="cpu", num_threads=2)
-    assert isinstance(loader, DaliLoader)
-    batches = list(loader)
-    assert len(batches) == 2 == loader.consumed
-    batch = batches[0]
-    assert [tuple(c.shape) for c in batch["crops"]] == [tuple(c.shape) for c in ref["crops"]] \
-        == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 6
-    assert all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() for c in batch["crops"])
-    assert batch["captions"].shape == ref["captions"].shape == (32, 77)
-    assert batch["captions"].dtype == ref["captions"].dtype == torch.int64
-    assert set(batch) == set(ref) - {"worker"} and batch["skipped"] == {}
-    tok = Tokenizer()._tok
-    items = [int(k[1:]) for k in batch["keys"]]
-    for k in range(8):
-        for b in range(4):
-            text = tok.decode(batch["captions"][k * 4 + b].tolist()).replace(" ", "")
-            assert f"item{items[b]}sentence" in text, (k, b, text)     # row k·B + b: caption k of sample b
-            if k >= 2:
-                assert text.count("item") == 1
-    # normalised like ToTensor + Normalize: values of a [0, 255] image, OpenAI mean / std
+# (the layout, determinism and resume contract shared with torchvision: tests/test_loader_contract.py)
+def test_normalised_like_torchvision(shards):
+    """Normalised like ToTensor + Normalize: values of a [0, 255] image, OpenAI mean / std."""
+    batch = next(iter(dali(spec(shards, steps_per_epoch=1))))
     lo = (0 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
     hi = (1 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
     for c in batch["crops"]:
@@ -125,8 +110,8 @@ def _run_ops(images, factor, turns):
         x = fn.external_source(source=lambda: images, layout="HWC", batch=True)
         f = fn.external_source(source=lambda: [np.float32(factor)] * len(images), batch=True)
         t = fn.external_source(source=lambda: [np.float32(turns)] * len(images), batch=True)
-        outs = (dl._brightness(x, f), dl._contrast(x, f, False), dl._saturation(x, f), dl._grayscale(x),
-                dl._hue(x, t, False), dl._solarize(x), fn.gaussian_blur(x, sigma=f))
+        outs = (dm._brightness(x, f), dm._contrast(x, f, False), dm._saturation(x, f), dm._grayscale(x),
+                dm._hue(x, t, False), dm._solarize(x), fn.gaussian_blur(x, sigma=f))
         return outs
     pipe = ops()
     pipe.build()
@@ -160,18 +145,18 @@ def test_ops_match_pil(factor, hue):
 
 
 def test_hue_mode_resolution_and_fallback(monkeypatch, caplog):
-    assert dl.resolve_hue_mode("exact", gpu=True) == "float"          # the GPU graph: DALI arithmetic
-    assert dl.resolve_hue_mode("linear", gpu=False) == "linear"
-    assert dl.resolve_hue_mode("float", gpu=False) == "float"
+    assert dm.resolve_hue_mode("exact", gpu=True) == "float"          # the GPU graph: DALI arithmetic
+    assert dm.resolve_hue_mode("linear", gpu=False) == "linear"
+    assert dm.resolve_hue_mode("float", gpu=False) == "float"
     with pytest.raises(ValueError, match="hue_mode"):
-        dl.resolve_hue_mode("pil", gpu=False)
-    if pil_hue.available():
-        assert dl.resolve_hue_mode("exact", gpu=False) == "pil"
-    monkeypatch.setattr(pil_hue, "available", lambda: False)
-    monkeypatch.setattr(dl, "_WARNED_NO_NUMBA", [])
-    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_loader"):
-        assert dl.resolve_hue_mode("exact", gpu=False) == "float"
-        assert dl.resolve_hue_mode("exact", gpu=False) == "float"
+        dm.resolve_hue_mode("pil", gpu=False)
+    if multicrop_op.numba_available():
+        assert dm.resolve_hue_mode("exact", gpu=False) == "numba"
+    monkeypatch.setattr(multicrop_op, "numba_available", lambda: False)
+    monkeypatch.setattr(dm, "_WARNED_NO_NUMBA", [])
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast.data.dali_multicrop"):
+        assert dm.resolve_hue_mode("exact", gpu=False) == "float"
+        assert dm.resolve_hue_mode("exact", gpu=False) == "float"
     assert caplog.text.count("numba is not installed") == 1
 
 
@@ -194,7 +179,7 @@ def test_color_jitter_order_matches_pil(hue_mode="float"):
             return fn.external_source(source=lambda: [np.array(v, dtype=dtype)] * n, batch=True)
         params = {"brightness": const(b), "contrast": const(c), "saturation": const(sat), "hue": const(hue),
                   "order": fn.external_source(source=lambda: [np.array(o, np.int32) for o in order_of], batch=True)}
-        return dl._color_jitter(x, params, False, hue_mode)
+        return dm._color_jitter(x, params, False, hue_mode)
     pipe = jitter()
     pipe.build()
     out = pipe.run()[0]
@@ -203,7 +188,7 @@ def test_color_jitter_order_matches_pil(hue_mode="float"):
     refs = []
     for i in range(n):
         im = Image.fromarray(batch[i])
-        for op in dl._JITTER_ORDERS[order_of[i]]:
+        for op in recipe.JITTER_ORDERS[order_of[i]]:
             im = ops[op](im)
         refs.append(np.asarray(im).astype(int))
         diff = np.abs(np.asarray(out[i]).astype(int) - refs[-1])
@@ -246,7 +231,7 @@ def dali_params(scenes, request):
     """DALI crops and their random parameters (build_pipeline(debug=True)), per crop kind: the exact
     CPU path (the fused kernel) and the operator graph (what the GPU runs)."""
     path, _ = scenes
-    pipe = dl.build_pipeline([path], [str(index_path(path))], 40, global_size=32, local_size=16, crop_scale=0.4,
+    pipe = dm.build_pipeline([path], [str(index_path(path))], 40, global_size=32, local_size=16, crop_scale=0.4,
                              n_local=6, shuffle_buffer=1, seed=3, reader_seed=4, num_threads=2, debug=True,
                              hue_mode=request.param)
     params, pixels = defaultdict(list), defaultdict(list)
@@ -257,7 +242,7 @@ def dali_params(scenes, request):
             kind = KINDS[min(j, 2)]
             params[kind].append(np.asarray(debug[j].as_tensor()))
             pixels[kind].append(np.asarray(crops[j].as_tensor()))
-    return ({k: dict(zip(dl.DEBUG_FIELDS, np.concatenate(v).T)) for k, v in params.items()},
+    return ({k: dict(zip(dm.DEBUG_FIELDS, np.concatenate(v).T)) for k, v in params.items()},
             {k: np.concatenate(v) for k, v in pixels.items()})
 
 
@@ -304,7 +289,7 @@ def test_color_jitter_params_match_torchvision(dali_params, torchvision_params, 
     chi2 = ((freq - len(order) / 24) ** 2 / (len(order) / 24)).sum()
     assert chi2 < 60, chi2                                          # 23 dof: P(chi2 > 60) < 1e-4
     names = ("brightness", "contrast", "saturation", "hue")
-    first = Counter(names[dl._JITTER_ORDERS[o][0]] for o in order[on])
+    first = Counter(names[recipe.JITTER_ORDERS[o][0]] for o in order[on])
     tv_first = Counter(tv["first"])
     for op in names:                                                # the op applied first: 1/4 each
         assert z_two(first[op], int(on.sum()), tv_first[op], len(tv["first"])) < 4, op
@@ -365,12 +350,10 @@ def jpeg_scenes(tmp_path_factory):
 def test_exact_cpu_pipeline_equals_torchvision_crops(jpeg_scenes):
     """The whole DALI CPU pipeline (decode + fused kernel) gives, for the random parameters it drew,
     exactly the crops torchvision makes from the PIL-decoded JPEG with those parameters (the kernel
-    equals torchvision's functions: tests/test_pil_crop.py)."""
+    equals torchvision's functions: tests/test_multicrop.py)."""
     pytest.importorskip("numba")
-    from cosmos_fast.data.pil_crop import PARAM_FIELDS, augment_crop
-
     path, images = jpeg_scenes
-    pipe = dl.build_pipeline([path], [str(index_path(path))], 12, global_size=48, local_size=20, crop_scale=0.4,
+    pipe = dm.build_pipeline([path], [str(index_path(path))], 12, global_size=48, local_size=20, crop_scale=0.4,
                              n_local=6, shuffle_buffer=1, seed=11, reader_seed=2, num_threads=2, debug=True)
     checked = Counter()
     for run in range(2):
@@ -379,7 +362,7 @@ def test_exact_cpu_pipeline_equals_torchvision_crops(jpeg_scenes):
         for i in range(12):
             img = images[run * 12 + i]                   # no shuffling: the shard's order
             for j in range(8):
-                p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+                p = dict(zip(dm.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
                 assert (p["img_h"], p["img_w"]) == (img.height, img.width)
                 want = augment_crop(np.asarray(img), [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
                 assert np.array_equal(np.asarray(crops[j][i]), want), (run, i, j, p)
@@ -467,8 +450,6 @@ def test_gray16_png_same_pixels_in_both_backends(tmp_path):
     scaling (decode_image): the index keeps it, and the exact pipeline's crops equal torchvision's crops
     of decode_image's pixels."""
     pytest.importorskip("numba")
-    from cosmos_fast.data.loader import decode_image
-    from cosmos_fast.data.pil_crop import PARAM_FIELDS, augment_crop
     from tests.test_loader import png16, record
 
     full = np.arange(65536, dtype=np.uint16).reshape(256, 256)       # every 16-bit value
@@ -480,13 +461,13 @@ def test_gray16_png_same_pixels_in_both_backends(tmp_path):
                      for ext, d in (("png", png), ("json", json.dumps(record(i)).encode()))))
     assert write_index(path)["skipped"] == {}
     images = [np.asarray(decode_image(d).convert("RGB")) for d in data]
-    pipe = dl.build_pipeline([str(path)], [str(index_path(path))], 8, global_size=48, local_size=20, crop_scale=0.4,
+    pipe = dm.build_pipeline([str(path)], [str(index_path(path))], 8, global_size=48, local_size=20, crop_scale=0.4,
                              n_local=2, shuffle_buffer=1, seed=3, reader_seed=2, num_threads=2, debug=True)
     out = pipe.run()
     crops, debug = out[:4], out[5:]
     for i, img in enumerate(images):
         for j in range(4):
-            p = dict(zip(dl.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
+            p = dict(zip(dm.DEBUG_FIELDS, np.asarray(debug[j][i]).tolist()))
             assert (p["img_h"], p["img_w"]) == img.shape[:2]
             want = augment_crop(img, [p[f] for f in PARAM_FIELDS], 48 if j < 2 else 20)
             assert np.array_equal(np.asarray(crops[j][i]), want), (i, j, p)
@@ -527,18 +508,7 @@ def test_truncated_and_unfetchable_shards_are_skipped(tmp_path):
 
 
 # ------------------------------------------------------------------------ order, determinism, resume
-def test_deterministic_epochs_and_rank_split(shards):
-    a = [b["keys"] for b in dali(spec(shards, steps_per_epoch=3, n_local=2), hue_mode="linear")]
-    b_loader = dali(spec(shards, steps_per_epoch=3, n_local=2), hue_mode="linear")
-    b = list(b_loader)
-    assert a == [x["keys"] for x in b]
-    b_loader.set_epoch(1)
-    assert [x["keys"] for x in b_loader] != a
-    keys = {}
-    for rank in range(2):
-        loader = dali(spec(shards, rank=rank, world=2, steps_per_epoch=2, n_local=2), hue_mode="linear")
-        keys[rank] = {k for x in loader for k in x["keys"]}
-    assert keys[0] and keys[1] and not keys[0] & keys[1]
+def test_epoch_shards_split_by_rank(shards):
     first_shards = [set(dali(spec(shards, rank=r, world=2)).epoch_shards(0)) for r in range(2)]
     assert not first_shards[0] & first_shards[1] and len(first_shards[0] | first_shards[1]) == 4
 
@@ -548,21 +518,6 @@ def _equal_batches(got, want):
     for x, y in zip(got, want):
         assert torch.equal(x["captions"], y["captions"])
         assert all(torch.equal(a, b) for a, b in zip(x["crops"], y["crops"]))
-
-
-def test_resume_mid_epoch_is_exact(shards, stop=3):
-    make = lambda: dali(spec(shards, steps_per_epoch=5, shuffle_buffer=8))       # noqa: E731
-    full = list(make())
-    first = make()
-    it = iter(first)
-    head = [next(it) for _ in range(stop)]
-    state = first.state_dict()
-    assert state["position"]["checkpoint"] is not None and state["consumed"] == stop
-    resumed = make()
-    resumed.load_state_dict(state)
-    tail = list(resumed)
-    _equal_batches(head + tail, full)
-    assert resumed.consumed == 5
 
 
 @pytest.mark.parametrize("stop", [1, 2, 3])

@@ -128,7 +128,7 @@ import types
 
 import torch
 from cosmos_fast.data.dali_loader import DaliWebDatasetLoader
-from cosmos_fast.data.loader import worker_loader_kwargs
+from cosmos_fast.data.torchvision_loader import worker_loader_kwargs
 from tests.test_loader import spec
 
 # the DALI backend's caption pool, without building a DALI pipeline (its code needs no DALI)

@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from cosmos_fast.config import ConfigError, list_presets, load_config
-from cosmos_fast.data.loader import expand_shards
+from cosmos_fast.config import ConfigError, list_presets, load_config, validate
+from cosmos_fast.data.stream import expand_shards
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.model import create_model, save_checkpoint
 from cosmos_fast.train import main as train_main
@@ -81,6 +81,7 @@ def test_yaml_file_typo_rejected(tmp_path):
     ("data.batch_size=0", "data.batch_size = 0 must be >= 1"), ("data.num_workers=9", "every worker needs a shard"),
     ("data.worker_start=thread", "data.worker_start"), ("model.pool_impl=fast", "model.pool_impl"),
     ("model.loss_impl=tiled", "model.loss_impl"), ("data.augment=simd", "data.augment"),
+    ("data.augment=pil", "data.augment = 'pil' was renamed to 'torchvision'"),       # the old name
 ])
 def test_bad_values_rejected_at_start(data, override, match):
     with pytest.raises(ConfigError, match=match):

@@ -10,7 +10,7 @@ On Linux a process can ask the kernel to SIGKILL it when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``). The chain:
 
 * the fork server arms it while it preloads its modules (this module is first in
-  :func:`~cosmos_fast.data.loader.worker_context`'s preload list and arms itself when imported
+  :func:`~cosmos_fast.data.torchvision_loader.worker_context`'s preload list and arms itself when imported
   there), so it dies with the process that started it;
 * every data-loader worker arms it in its ``worker_init_fn`` and so dies with its parent: the fork
   server (``forkserver``) or the trainer itself (``spawn``, ``fork``); a process pool passes

@@ -20,7 +20,7 @@ Images are resolved in a folder by the record's path (absolute, or relative to t
 the ``url`` in img2dataset-style ``{key}.json`` sidecars, then by file name. Every image is fully
 decoded with PIL before it is written; JPEG, PNG and WebP bytes are kept as they are, any other format
 PIL reads is re-encoded losslessly as PNG (DALI's decoders do not read e.g. GIF) after the 8-bit
-conversion both loaders apply (:func:`~cosmos_fast.data.loader.decode_image`).
+conversion both loaders apply (:func:`~cosmos_fast.data.stream.decode_image`).
 
 Output: ``{prefix}-NNNNNN.tar`` of at most ``--shard-size`` bytes (and ``--max-per-shard`` samples),
 each sample ``{key}.{jpg|png|webp}`` + ``{key}.json``, keys from the source (the CSV row number,
@@ -61,7 +61,7 @@ from pathlib import Path
 from PIL import Image
 
 from .captions import DREAMLIP_FIELDS, SampleError, caption_pool, split_sentences
-from .loader import (IMAGE_FORMATS, IMAGE_KEYS, MAX_JSON_BYTES, decode_image, expand_shards, local_tar_problem,
+from .stream import (IMAGE_FORMATS, IMAGE_KEYS, MAX_JSON_BYTES, decode_image, expand_shards, local_tar_problem,
                      parse_json)
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ShardError(RuntimeError):
 # ----------------------------------------------------------------------------- validation
 def check_image(data: bytes, formats=IMAGE_FORMATS) -> tuple[str | None, str | None]:
     """(PIL format, None) when both loaders accept the image, else (None, reason): the loaders' own
-    check (:func:`~cosmos_fast.data.loader.decode_image`), with ``formats`` the formats accepted
+    check (:func:`~cosmos_fast.data.stream.decode_image`), with ``formats`` the formats accepted
     (default: those DALI decodes; None: any PIL reads)."""
     try:
         with Image.open(io.BytesIO(data)) as img:

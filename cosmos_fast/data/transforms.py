@@ -1,14 +1,5 @@
-"""Multi-crop augmentation with torchvision, exactly cosmos_method.md §4.4.
-
-| step                     | global crop 1 | global crop 2 | each local crop |
-|--------------------------|---------------|---------------|-----------------|
-| RandomResizedCrop bicubic| size G, scale [s, 1] | same   | size L, scale [0.05, s] |
-| horizontal flip          | 0.5           | 0.5           | 0.5             |
-| ColorJitter(.4,.4,.2,.1) | p 0.8         | p 0.8         | p 0.8           |
-| grayscale                | p 0.2         | p 0.2         | p 0.2           |
-| PIL Gaussian blur r~U[.1,2] | p 1.0 (rand <= p) | p 0.1   | p 0.5           |
-| solarize (threshold 128) | —             | p 0.2         | —               |
-| ToTensor + Normalize (OpenAI CLIP mean/std) | ✓ | ✓      | ✓               |
+"""Multi-crop augmentation with torchvision: the recipe of cosmos_method.md §4.4 (:mod:`.recipe`)
+as torchvision / PIL transforms, and the same crops from the fused kernel (:mod:`cosmos_fast.ops.multicrop`).
 
 All randomness comes from torch's CPU generator, so a caller can make one sample's crops
 deterministic by seeding it (see :func:`seeded`). The evaluation transform is resize-shortest-side
@@ -24,9 +15,10 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from . import pil_hue
-from .normalize import OPENAI_MEAN, OPENAI_STD
-from .pil_crop import ORDER_INDEX, PARAM_FIELDS, augment_crop
+from ..config import AUGMENT_IMPLS, RENAMED_AUGMENT
+from ..ops import multicrop as multicrop_op
+from . import recipe
+from .recipe import ORDER_INDEX, PARAM_FIELDS
 
 
 class PILGaussianBlur:
@@ -54,27 +46,24 @@ class MultiCropTransform:
 
     def __init__(self, global_size: int = 224, local_size: int = 96, crop_scale: float = 0.4,
                  n_global: int = 2, n_local: int = 6):
-        if not 0.05 < crop_scale < 1.0:
-            raise ValueError(f"data.crop_scale must lie in (0.05, 1), got {crop_scale}")
-        if n_global != 2:
-            raise ValueError(f"COSMOS uses exactly 2 global crops, got {n_global}")
+        if n_global != recipe.N_GLOBAL:
+            raise ValueError(f"COSMOS uses exactly {recipe.N_GLOBAL} global crops, got {n_global}")
         self.n_local = n_local
-        flip_color = [
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ]
-        normalize = [T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)]
+        global1, global2, local = recipe.crops(global_size, local_size, crop_scale, 1)
+        self.global1, self.global2, self.local = (self._compose(c) for c in (global1, global2, local))
 
-        def rrc(size, scale):
-            return [T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC), _to_rgb]
-
-        self.global1 = T.Compose(rrc(global_size, (crop_scale, 1.0)) + flip_color
-                                 + [PILGaussianBlur(1.0)] + normalize)
-        self.global2 = T.Compose(rrc(global_size, (crop_scale, 1.0)) + flip_color
-                                 + [PILGaussianBlur(0.1), T.RandomSolarize(threshold=128, p=0.2)] + normalize)
-        self.local = T.Compose(rrc(local_size, (0.05, crop_scale)) + flip_color
-                               + [PILGaussianBlur(0.5)] + normalize)
+    @staticmethod
+    def _compose(crop: recipe.Crop) -> T.Compose:
+        """One crop of the recipe as torchvision transforms."""
+        steps = [T.RandomResizedCrop(crop.size, scale=crop.scale, ratio=recipe.RATIO,
+                                     interpolation=InterpolationMode.BICUBIC), _to_rgb,
+                 T.RandomHorizontalFlip(p=recipe.FLIP_P),
+                 T.RandomApply([T.ColorJitter(**recipe.JITTER)], p=recipe.JITTER_P),
+                 T.RandomGrayscale(p=recipe.GRAY_P),
+                 PILGaussianBlur(crop.blur_p, *recipe.BLUR_RADIUS)]
+        if crop.solarize_p > 0:
+            steps.append(T.RandomSolarize(threshold=recipe.SOLARIZE_THRESHOLD, p=crop.solarize_p))
+        return T.Compose(steps + [T.ToTensor(), T.Normalize(recipe.MEAN, recipe.STD)])
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         img = _to_rgb(img)
@@ -82,13 +71,12 @@ class MultiCropTransform:
 
 
 class FusedMultiCropTransform(MultiCropTransform):
-    """:class:`MultiCropTransform` with each crop made by the fused kernel of :mod:`.pil_crop`.
+    """:class:`MultiCropTransform` with each crop made by the fused kernel (:mod:`cosmos_fast.ops.multicrop`).
 
     The random parameters come from torch's generator exactly as the torchvision transforms draw
     them (each transform's own ``get_params`` and coins, in the same order), then one kernel call makes
     the crop with Pillow's arithmetic, so the tensors equal :class:`MultiCropTransform`'s bit for bit
-    under the same seed (tests/test_pil_crop.py); the loader ran 2.0× as fast with it (bench_data.py,
-    2 workers). Needs numba."""
+    under the same seed (tests/test_multicrop.py), faster (benchmarks/bench_multicrop.py). Needs numba."""
 
     def _params(self, comp: T.Compose, img: Image.Image) -> tuple[dict, int]:
         p = dict(flip=0, jitter=0, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, order=0, gray=0, blur=0,
@@ -113,10 +101,10 @@ class FusedMultiCropTransform(MultiCropTransform):
                 if not torch.rand(()).item() > t.p:
                     p["blur"] = 1
                     p["radius"] = t.radius_min + (t.radius_max - t.radius_min) * torch.rand(()).item()
-            elif isinstance(t, T.RandomSolarize) and t.threshold == 128:
+            elif isinstance(t, T.RandomSolarize) and t.threshold == recipe.SOLARIZE_THRESHOLD:
                 p["solarize"] = int(torch.rand(1).item() < t.p)
             elif not (t is _to_rgb or isinstance(t, T.ToTensor)
-                      or (isinstance(t, T.Normalize) and tuple(t.mean) == OPENAI_MEAN and tuple(t.std) == OPENAI_STD)):
+                      or (isinstance(t, T.Normalize) and tuple(t.mean) == recipe.MEAN and tuple(t.std) == recipe.STD)):
                 raise TypeError(f"FusedMultiCropTransform has no fused equivalent of {t!r}")
         return p, size
 
@@ -126,28 +114,27 @@ class FusedMultiCropTransform(MultiCropTransform):
         crops = []
         for comp in [self.global1, self.global2] + [self.local] * self.n_local:
             p, size = self._params(comp, img)
-            crops.append(torch.from_numpy(augment_crop(arr, [p[f] for f in PARAM_FIELDS], size)))
+            crops.append(torch.from_numpy(multicrop_op.augment_crop(arr, [p[f] for f in PARAM_FIELDS], size)))
         return crops
 
 
-AUGMENT_IMPLS = ("auto", "pil", "fused")
-
-
 def resolve_augment(impl: str) -> str:
-    """``data.augment``: ``pil`` (torchvision's PIL ops), ``fused`` (the same crops from the Numba kernel;
-    needs numba) or ``auto`` (fused when numba is installed)."""
+    """``data.augment``: ``torchvision`` (torchvision's PIL ops), ``fused`` (the same crops from the Numba
+    kernel; needs numba) or ``auto`` (fused when numba is installed)."""
+    if impl in RENAMED_AUGMENT:
+        raise ValueError(f"data.augment = {impl!r} was renamed to {RENAMED_AUGMENT[impl]!r}")
     if impl not in AUGMENT_IMPLS:
         raise ValueError(f"data.augment = {impl!r} must be one of {', '.join(AUGMENT_IMPLS)}")
-    if impl == "fused" and not pil_hue.available():
-        raise ValueError("data.augment = 'fused' needs numba (pip install numba); use 'pil' or 'auto'")
+    if impl == "fused" and not multicrop_op.numba_available():
+        raise ValueError("data.augment = 'fused' needs numba (pip install numba); use 'torchvision' or 'auto'")
     if impl == "auto":
-        return "fused" if pil_hue.available() else "pil"
+        return "fused" if multicrop_op.numba_available() else "torchvision"
     return impl
 
 
 def eval_transform(size: int = 224):
     return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size), _to_rgb,
-                      T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+                      T.ToTensor(), T.Normalize(recipe.MEAN, recipe.STD)])
 
 
 @contextlib.contextmanager

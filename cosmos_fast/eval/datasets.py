@@ -52,7 +52,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.captions import SampleError
-from ..data.loader import decode_image, expand_shards, missing_local_shards, parse_json
+from ..data.stream import decode_image, expand_shards, missing_local_shards, parse_json
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.captions import Tokenizer
-from ..data.loader import worker_loader_kwargs
+from ..data.torchvision_loader import worker_loader_kwargs
 from ..data.transforms import eval_transform
 from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, MissingAnnotationError, RetrievalSet,
                        load_imagenet, load_retrieval_set, load_shard_retrieval_set, load_sun397)

@@ -15,6 +15,9 @@ implementations are tested against live in ``cosmos_fast/reference/<op>.py``.
                         interpreter when TRITON_INTERPRET=1
     - ``"blockwise"`` : the same algorithm in PyTorch tiles (the CPU path)
     - ``"reference"`` : per-pair B×B logits, exactly the official loss
+* ``multicrop`` (one §4.4 crop equal to torchvision's PIL ops bit for bit; :mod:`cosmos_fast.ops.multicrop`):
+  the Numba kernel (kernels/multicrop.py) behind ``data.augment: fused`` and DALI's CPU ``hue_mode``
+  ``numba``; the reference is torchvision's own functions (cosmos_fast.reference.multicrop)
 
 ``"auto"`` picks the implementation measured fastest for the inputs (bench_results/): on CUDA the
 Triton loss and the shared-K/V pooler, on CPU the blockwise loss and the absorbed pooler

@@ -1,10 +1,11 @@
-"""The Numba kernels of :mod:`.pil_hue` and :mod:`.pil_crop`: Pillow's and torchvision's arithmetic,
-step by step (see those modules for what each reproduces and how it is tested).
+"""The multicrop op's Numba kernels: Pillow's and torchvision's arithmetic, step by step
+(:mod:`cosmos_fast.ops.multicrop` says what each reproduces and calls them; tests/test_multicrop.py
+tests them against :mod:`cosmos_fast.reference.multicrop`).
 
-Module-level functions compiled with ``cache=True``: the first process compiles them (~10 s) and
-writes Numba's cache next to this file (or to ``NUMBA_CACHE_DIR``); later processes, DALI's and the
-loader workers included, load it. Nothing here reads a module global that could change without this
-file changing (the jitter orders and the Pillow-version rule are arguments), so a cached compilation
+Module-level functions compiled with ``cache=True``: the first process compiles them and writes
+Numba's cache next to this file (or to ``NUMBA_CACHE_DIR``); later processes, DALI's and the loader
+workers included, load it. Nothing here reads a module global that could change without this file
+changing (the jitter orders and the Pillow-version rule are arguments), so a cached compilation
 never goes stale. Importing this module needs numba.
 """
 from __future__ import annotations
@@ -361,7 +362,7 @@ def gaussian_blur(a, radius):
 @njit(cache=True)
 def augment(out, img, p, mean, std, tables, orders, vertical_first):
     """``out`` (3, S, S) float32 ← the crop of the flat HWC uint8 image ``img`` (H, W·3) described by
-    the parameter vector ``p`` (``pil_crop.PARAM_FIELDS``); ``tables``: the hue tables,
+    the parameter vector ``p`` (``cosmos_fast.data.recipe.PARAM_FIELDS``); ``tables``: the hue tables,
     ``orders``: the 24 jitter orders, ``vertical_first``: Pillow ≥ 13's resize rule."""
     size = out.shape[1]
     a = resize(img, int(p[0]), int(p[1]), int(p[2]), int(p[3]), size, vertical_first)

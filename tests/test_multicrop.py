@@ -1,4 +1,6 @@
-"""The fused Numba crop kernel (the DALI CPU path) equals torchvision's PIL pipeline bit for bit.
+"""The multicrop op: the fused Numba crop kernel (``kernels/multicrop.py`` via
+:mod:`cosmos_fast.ops.multicrop`; the torchvision backend's ``data.augment: fused`` and the DALI CPU
+path) equals torchvision's PIL pipeline (:mod:`cosmos_fast.reference.multicrop`) bit for bit.
 
 1. Under the random draws MultiCropTransform itself made (recorded by spying on the functions it
    calls), the kernel reproduces its 8 output tensors exactly.
@@ -16,10 +18,12 @@ from PIL import Image
 
 pytest.importorskip("numba")
 
-from cosmos_fast.data import pil_crop, pil_hue  # noqa: E402
-from cosmos_fast.data.pil_crop import ORDER_INDEX, PARAM_FIELDS, augment_crop, reference_crop  # noqa: E402
+from cosmos_fast.data.recipe import ORDER_INDEX, PARAM_FIELDS  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
-from cosmos_fast.data.transforms import MultiCropTransform, seeded  # noqa: E402
+from cosmos_fast.data.transforms import FusedMultiCropTransform, MultiCropTransform, seeded  # noqa: E402
+from cosmos_fast.ops import multicrop as multicrop_op  # noqa: E402
+from cosmos_fast.ops.multicrop import augment_crop  # noqa: E402
+from cosmos_fast.reference.multicrop import reference_crop  # noqa: E402
 from multicrop_spy import spying  # noqa: E402
 
 JITTER_FNS = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")
@@ -138,8 +142,8 @@ def test_kernel_every_jitter_order_matches_torchvision():
 def test_hue_tables_equal_pillow_arithmetic_on_every_colour(shift):
     codes = np.arange(2 ** 24, dtype=np.uint32)
     img = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
-    got = pil_hue.adjust_hue(img, shift)
-    reference = pil_hue.kernels()[0]
+    got = multicrop_op.adjust_hue(img, shift)
+    reference = multicrop_op.kernels().shift_pixel
     sample = np.random.default_rng(shift).integers(0, 2 ** 24, 20000)
     for c in sample:
         r, g, b = int(c >> 16), int((c >> 8) & 255), int(c & 255)
@@ -160,15 +164,13 @@ def test_augment_crop_validates_its_input():
         augment_crop(np.zeros((10, 10), np.uint8), vector(_case(0, 0, 5, 5)), 8)
     assert torch.from_numpy(augment_crop(np.zeros((10, 10, 3), np.uint8), vector(_case(0, 0, 5, 5)), 8)).shape \
         == (3, 8, 8)
-    assert pil_crop.VERTICAL_FIRST == (int(Image.__version__.split(".")[0]) >= 13)
+    assert multicrop_op.VERTICAL_FIRST == (int(Image.__version__.split(".")[0]) >= 13)
 
 
 @pytest.mark.parametrize("sizes", [(224, 96, 6), (48, 24, 3)], ids=["cosmos", "small"])
 def test_fused_transform_equals_multicrop_transform(sizes):
     """FusedMultiCropTransform draws the same random numbers as MultiCropTransform, in the same order,
     so under one seed the two give the same tensors; the generator ends in the same state too."""
-    from cosmos_fast.data.transforms import FusedMultiCropTransform
-
     g, l, n = sizes
     rng = np.random.default_rng(g)
     pil, fused = MultiCropTransform(g, l, n_local=n), FusedMultiCropTransform(g, l, n_local=n)
