@@ -70,6 +70,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks.harness import add_record_arg, env_info, peak_memory, record, write_csv  # noqa: E402
 from cosmos_fast.ema import build_teacher  # noqa: E402
+from cosmos_fast.data.stream import StreamSpec, expand_shards  # noqa: E402
+from cosmos_fast.data.synthetic import write_demo_data  # noqa: E402
 from cosmos_fast.engine import AMP_DTYPES  # noqa: E402
 from cosmos_fast.ops.contrastive import CosmosLoss  # noqa: E402
 from cosmos_fast.model import create_model  # noqa: E402
@@ -311,8 +313,6 @@ def time_interleaved(paths: list[TrainPath], batch, warmup: int, reps: int, devi
 def time_loaders(shards: str, batch: int, global_size: int, local_size: int, workers: int, samples: int,
                  device: torch.device, backends=("torchvision", "dali")) -> list[dict]:
     """samples/s of each loader backend over the same shards (epoch 0 warms up, epoch 1 is timed)."""
-    from cosmos_fast.data.stream import StreamSpec, expand_shards
-
     try:
         from cosmos_fast.data.backends import build_loader
     except Exception as e:                      # the DALI backend is optional / in development
@@ -441,8 +441,6 @@ def run(args) -> dict:
     if args.data:
         shards = args.shards
         if not shards:
-            from cosmos_fast.data.synthetic import write_demo_data
-
             data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="bench_train_shards_"))
             # the torchvision loader needs a shard per worker
             per_shard = max(1, args.data_samples // max(2, args.data_workers))

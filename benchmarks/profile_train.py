@@ -68,6 +68,9 @@ from benchmarks.bench_train import results_dir  # noqa: E402
 from benchmarks.comm_model import comm_volume  # noqa: E402
 from benchmarks.harness import env_info, write_csv  # noqa: E402
 from cosmos_fast.profiling import PHASES, PhaseTimer  # noqa: E402
+from cosmos_fast.config import load_config  # noqa: E402
+from cosmos_fast.data.synthetic import write_demo_data  # noqa: E402
+from cosmos_fast.trainer import Trainer  # noqa: E402
 
 _COLL = re.compile(r"^(gloo|nccl|mpi|ucc):(\w+)$")
 _DTYPE_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "long int": 8, "int": 4,
@@ -186,8 +189,6 @@ def free_port() -> int:
 
 def make_config(shards: str, n_samples: int, batch: int, stage: int, model: str, global_size: int | None,
                 local_size: int, extra=()):
-    from cosmos_fast.config import load_config
-
     over = [f"data.train_shards={shards}", "data.val_shards=", f"data.train_num_samples={n_samples}",
             f"data.batch_size={batch}", "data.num_workers=0", "data.shuffle_buffer=16", "data.shuffle_initial=4",
             f"data.local_size={local_size}", f"model.name={model}", "train.progress=false",
@@ -218,8 +219,6 @@ def _worker(rank, world, port, job):
     import logging
 
     logging.getLogger("deepspeed").setLevel(logging.WARNING)
-    from cosmos_fast.trainer import Trainer
-
     cfg = make_config(job["shards"], job["n_samples"], job["batch"], job["stage"], job["model"], job["global_size"],
                       job["local_size"], job.get("extra", ()))
     out = Path(job["out"])
@@ -288,8 +287,6 @@ def launch(world: int, stage: int, out: Path, *, shards: str, n_samples: int, ba
 
 
 def demo_shards(folder: Path, n: int, image_size: int = 96) -> str:
-    from cosmos_fast.data.synthetic import write_demo_data
-
     return write_demo_data(folder, n_train=n, n_val=1, samples_per_shard=max(1, n // 2), image_size=image_size)["train"]
 
 

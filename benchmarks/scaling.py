@@ -53,10 +53,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_train import results_dir  # noqa: E402
+from benchmarks.bench_train import TrainPath, count_flops, make_batch, results_dir  # noqa: E402
 from benchmarks.comm_model import CATEGORIES, comm_volume  # noqa: E402
 from benchmarks.harness import env_info, write_csv  # noqa: E402
 from benchmarks.profile_train import demo_shards, launch  # noqa: E402
+from benchmarks.report import plot_scaling  # noqa: E402
+from cosmos_fast.ema import build_teacher  # noqa: E402
+from cosmos_fast.model import create_model  # noqa: E402
+from cosmos_fast.model.config import resolve_model_config  # noqa: E402
 
 OVERLAPPABLE = ("grad_reduce", "zero3_param_gather")
 PROJECT_GPUS = (8, 16, 32, 64, 128)
@@ -133,10 +137,6 @@ def project(worlds, *, n_params: int, flops_per_sample: float, batch: int, stage
 def count_flops_per_sample(model: str, image_size: int | None = None) -> float:
     """FLOPs of one fast-path training step at B=1 (student fwd+bwd, teacher fwd, loss), counted
     by FlopCounterMode on CPU (math attention)."""
-    from benchmarks.bench_train import TrainPath, count_flops, make_batch
-    from cosmos_fast.ema import build_teacher
-    from cosmos_fast.model import create_model
-    from cosmos_fast.model.config import resolve_model_config
 
     mcfg = resolve_model_config(model)
     size = image_size or mcfg.vision_cfg.image_size
@@ -147,8 +147,6 @@ def count_flops_per_sample(model: str, image_size: int | None = None) -> float:
 
 
 def count_params(model: str) -> int:
-    from cosmos_fast.model import create_model
-
     return sum(p.numel() for p in create_model(model, device="meta").parameters())
 
 
@@ -272,8 +270,6 @@ def main(argv=None):
     else:
         fps = 0.0
     if device.type == "cuda" and comm:
-        from cosmos_fast.model.config import resolve_model_config
-
         top = max(worlds)
         meas_n = measured[0]["n_params"]
         dim = resolve_model_config(args.model).embed_dim
@@ -287,7 +283,6 @@ def main(argv=None):
                          + ", ".join(f"{k} {v:.2f}" for k, v in scale.items()))
     notes.append("Bus bandwidths: 230 GB/s in an 8×A100 NVLink node; across nodes 90 GB/s (4×HDR) or 180 GB/s (8×HDR); "
                  "α 10/30 µs per call; overlap scenarios as in benchmarks/scaling.py.")
-    from cosmos_fast.model.config import resolve_model_config
 
     dim = resolve_model_config(pmodel).embed_dim
     proj = []
@@ -321,8 +316,6 @@ def main(argv=None):
     md = csv_path.with_suffix(".md")
     write_report(md, info, measured, [r for r in proj if r["gpus"] in PROJECT_GPUS], comm, notes)
     try:
-        from benchmarks.report import plot_scaling
-
         plot_scaling(csv_path, csv_path.with_suffix(".png"))
     except Exception as e:
         print(f"note: no plot ({type(e).__name__}: {e})")

@@ -389,13 +389,35 @@ def partition_teacher(teacher, ds_cfg: dict):
     return teacher
 
 
-def gathered(module, enabled: bool):
-    """Context that gathers a ZeRO-3 partitioned module's weights (no-op otherwise)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    import deepspeed                      # optional heavy dependency: only a ZeRO-3 run gets here
+@contextlib.contextmanager
+def gathered(module, enabled: bool = True):
+    """Gather a ZeRO-3 partitioned module's weights for the duration of the block (a collective:
+    every rank enters it together). The one ZeRO-3 gather of the package (training's saves, checks and
+    held-out eval; ``cosmos-fast eval``).
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    Only parameters that are partitioned and not already held by an outer ``GatheredParameters``
+    (DeepSpeed refuses overlapping nested gathers) are gathered, so this is a no-op for a plain
+    model, for ZeRO-0/1/2 and inside an outer gather. It also covers the teacher, which is
+    partitioned but never registered with an engine (no fetch hooks), and the root parameters
+    (positional embedding, text projection) that ``encode_*`` use without the root's forward hook.
+    """
+    params = [p for p in module.parameters() if _needs_gather(p)] if enabled else []
+    if not params:
+        yield
+        return
+    import deepspeed                      # optional heavy dependency: only a ZeRO-3 partitioned model gets here
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _needs_gather(p) -> bool:
+    if not hasattr(p, "ds_id"):
+        return False
+    from deepspeed.runtime.zero import partition_parameters as zp   # optional heavy dependency
+
+    depth = getattr(p, getattr(zp, "DS_Z3_GATHERED_PARAM_CONTEXT_DEPTH_ATTR", "_ds_z3_gathered_param_context_depth"), 0)
+    return p.ds_status == zp.ZeroParamStatus.NOT_AVAILABLE and not depth
 
 
 def _named(model):

@@ -27,7 +27,6 @@ from .checkpointing import (check_config_change, claim_output_dir, find_checkpoi
 from .config import Config, ConfigError, save_config, validate
 from .ops.multicrop import numba_available
 from .data.backends import build_loader, resolve_backend
-from .data.captions import Tokenizer
 from .data.stream import StreamSpec, check_pipe_urls, expand_shards, missing_local_shards, steps_per_epoch
 from .device import resolve_device
 from .ema import build_teacher

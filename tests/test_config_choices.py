@@ -9,13 +9,14 @@ import pytest
 
 from cosmos_fast import config
 from cosmos_fast import ops
+from cosmos_fast.ops import contrastive
 from cosmos_fast.data import captions, stream
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,module", [
-    ("CONTRASTIVE_IMPLS", ops), ("CROSS_POOL_IMPLS", ops),        # data.augment: transforms reads config's
+    ("CONTRASTIVE_IMPLS", ops), ("CROSS_POOL_IMPLS", ops), ("GRAD_SEMANTICS", contrastive),        # data.augment: transforms reads config's
     ("MODES", captions), ("STRING_FIELD_POLICIES", captions), ("WORKER_START_METHODS", stream)])
 def test_config_choices_equal_the_implementing_modules(name, module):
     assert getattr(config, name) == getattr(module, name)

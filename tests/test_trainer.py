@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from cosmos_fast.config import ConfigError, list_presets, load_config, validate
+from cosmos_fast.config import ConfigError, list_presets, load_config
 from cosmos_fast.data.stream import expand_shards
 from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.model import create_model, save_checkpoint

@@ -36,11 +36,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
 
 from ..config import TRUST_CHECKPOINT_HELP
 from ..device import resolve_device
 from ..checkpointing import find_checkpoint
+from ..engine import AMP_DTYPES
 from ..export import check_against, read_deepspeed, recorded_model
 from ..model import create_model
 from ..model.checkpoint import CheckpointMismatchError, select_state_dict, strip_prefix, torch_load
@@ -48,7 +48,6 @@ from .datasets import RETRIEVAL_SETS, SPLITS
 from .evaluate import evaluate_models, format_results, load_eval_sets
 
 WEIGHTS = ("teacher", "student", "both")
-PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 
 
 class CheckpointSourceError(RuntimeError):
@@ -249,7 +248,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, default=default_num_workers(),
                      help="image-decoding worker processes (default: the cores available, at most 8: %(default)s)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+    run.add_argument("--precision", choices=tuple(AMP_DTYPES), default="fp32",
                      help="fp32, or autocast in bf16 / fp16 (default fp32)")
     run.add_argument("--image-size", type=int, help="evaluation resolution (default: the model's)")
     run.add_argument("--output", metavar="JSON", help="write the results here")
@@ -288,7 +287,7 @@ def run_eval(args) -> int:
             imagenet_val=args.imagenet_val, imagenet_classnames=args.imagenet_classnames,
             sun397_root=args.sun397_root, sun397_seed=args.sun397_seed, val_shards=args.val_shards,
             batch_size=args.batch_size,
-            num_workers=args.num_workers, image_size=args.image_size, autocast_dtype=PRECISIONS[args.precision],
+            num_workers=args.num_workers, image_size=args.image_size, autocast_dtype=AMP_DTYPES[args.precision],
             progress=not args.no_progress)
     except (FileNotFoundError, ValueError, KeyError, TypeError, CheckpointSourceError,
             CheckpointMismatchError) as e:

@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.captions import Tokenizer
+from ..engine import gathered
 from ..data.torchvision_loader import worker_loader_kwargs
 from ..data.transforms import eval_transform
 from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, MissingAnnotationError, RetrievalSet,
                        load_imagenet, load_retrieval_set, load_shard_retrieval_set, load_sun397)
 from .retrieval import retrieval_metrics
-from .sharding import Shards, autocast, gathered_parameters, unwrap
+from .sharding import Shards, autocast, unwrap
 from .zeroshot import build_classifiers, classification_metrics
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _inference(models: Mapping[str, nn.Module]):
             stack.enter_context(torch.no_grad())
             for m in models.values():
                 m.eval()
-                stack.enter_context(gathered_parameters(m))
+                stack.enter_context(gathered(m))
             yield
     finally:
         for name, m in models.items():

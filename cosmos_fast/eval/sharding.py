@@ -1,7 +1,7 @@
 """How evaluation runs on every rank: the rank sharding of the items (:class:`Shards`), the model
 behind a DDP / DeepSpeed wrapper (:func:`unwrap`), the ZeRO-3 weights gathered for the evaluation
-(:func:`gathered_parameters`) and autocast (:func:`autocast`). DeepSpeed training itself is
-:mod:`cosmos_fast.distributed`.
+(:func:`cosmos_fast.engine.gathered`) and autocast (:func:`autocast`). DeepSpeed training itself is
+:mod:`cosmos_fast.engine`.
 
 Every rank encodes a contiguous slice of the items and the slices are ``all_gather``ed, so every rank
 ends with the full feature matrix and computes the same metrics: there is no rank-0-only path, which
@@ -65,36 +65,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     never-wrapped teacher works too — §7 item 19)."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, nn.Module) else model
-
-
-@contextlib.contextmanager
-def gathered_parameters(model: nn.Module):
-    """Gather a ZeRO-3 partitioned model's weights for the duration of the evaluation.
-
-    Only parameters that are partitioned and not already held by an outer ``GatheredParameters``
-    (DeepSpeed refuses overlapping nested gathers) are gathered, so this is a no-op for a plain
-    model, for ZeRO-0/1/2 and inside the trainer's own gather. It also covers the teacher, which
-    is partitioned but never registered with an engine (no fetch hooks), and the root parameters
-    (positional embedding, text projection) that ``encode_*`` use without the root's forward hook.
-    A collective: every rank enters it together.
-    """
-    params = [p for p in model.parameters() if _needs_gather(p)]
-    if not params:
-        yield
-        return
-    import deepspeed   # optional heavy dependency: only a ZeRO-3 partitioned model gets here
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-def _needs_gather(p) -> bool:
-    if not hasattr(p, "ds_id"):
-        return False
-    from deepspeed.runtime.zero import partition_parameters as zp   # optional heavy dependency
-
-    depth = getattr(p, getattr(zp, "DS_Z3_GATHERED_PARAM_CONTEXT_DEPTH_ATTR", "_ds_z3_gathered_param_context_depth"), 0)
-    return p.ds_status == zp.ZeroParamStatus.NOT_AVAILABLE and not depth
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -47,6 +47,12 @@ from ..reference.contrastive import cosmos_loss_reference
 from .switch import impl_override, triton_available, triton_runnable
 
 CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
+GRAD_SEMANTICS = ("official", "exact")      # distributed.grad_semantics (see the module docstring)
+
+
+def check_grad_semantics(grad_semantics: str) -> None:
+    if grad_semantics not in GRAD_SEMANTICS:
+        raise ValueError(f"grad_semantics must be one of {GRAD_SEMANTICS}, got {grad_semantics!r}")
 
 
 def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = None) -> str:
@@ -294,8 +300,7 @@ def group_pair_losses(u, v, tau, p_count: int, b: int, q_count: int, impl: str, 
 def cosmos_loss_fast(s_image, s_text, logit_scale, t_image, t_text, distill_logit_scale, s_xi, s_xt,
                      batch_size: int, impl: str = "blockwise", grad_semantics: str = "official") -> dict:
     """COSMOS loss from (n·B, D) feature tensors (crop-/caption-major views of the model outputs)."""
-    if grad_semantics not in ("official", "exact"):
-        raise ValueError(f"grad_semantics must be 'official' or 'exact', got {grad_semantics!r}")
+    check_grad_semantics(grad_semantics)
     b = batch_size
     w, _ = world()
     n_txt = s_text.shape[0] // b
@@ -356,8 +361,7 @@ class CosmosLoss(nn.Module):
 
     def __init__(self, impl: str = "auto", grad_semantics: str = "official"):
         super().__init__()
-        if grad_semantics not in ("official", "exact"):
-            raise ValueError(f"grad_semantics must be 'official' or 'exact', got {grad_semantics!r}")
+        check_grad_semantics(grad_semantics)
         self.impl = resolve_contrastive_impl(impl)
         self.grad_semantics = grad_semantics
 
