@@ -36,7 +36,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-
 from ..config import TRUST_CHECKPOINT_HELP
 from ..device import resolve_device
 from ..checkpointing import find_checkpoint
