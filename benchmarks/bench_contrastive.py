@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import add_record_arg, env_info, peak_memory, record, time_fn, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, save_results, time_fn  # noqa: E402
 from cosmos_fast import CosmosLoss  # noqa: E402
 
 N_CROPS = N_CAPS = 8
@@ -174,10 +174,8 @@ def main(argv=None):
               f"{sp:>8s} {mr:>8s} "
               f"{r['max_rel_err_vs_truth']:8.1e}")
     if not args.no_csv and rows:
-        out = write_csv('contrastive', rows, device, case=("bench", "provider", "mode", "B", "D", "dtype"))
-        print(f"\nwrote {out}")
-        if args.record:
-            record(out)
+        save_results('contrastive', rows, device, record_run=args.record,
+                     case=("bench", "provider", "mode", "B", "D", "dtype"))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import add_record_arg, env_info, peak_memory, record, time_fn, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, save_results, time_fn  # noqa: E402
 from cosmos_fast.model.pooler import CrossAttentionPooler  # noqa: E402
 from cosmos_fast.ops.cross_pool import cross_pool  # noqa: E402
 from cosmos_fast.reference.cross_pool import cross_pool_reference  # noqa: E402
@@ -200,11 +200,8 @@ def main(argv=None):
     print()
     print_table(rows)
     if not args.no_csv and rows:
-        out = write_csv('cross_pool', rows, device,
-                        case=("pooler", "L", "B", "n", "D", "heads", "dtype", "mode", "provider"))
-        print(f"\nwrote {out}")
-        if args.record:
-            record(out)
+        save_results('cross_pool', rows, device, record_run=args.record,
+                     case=("pooler", "L", "B", "n", "D", "heads", "dtype", "mode", "provider"))
     return 0
 
 

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import add_record_arg, env_info, record, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, save_results  # noqa: E402
 from cosmos_fast.data import dali_multicrop  # noqa: E402
 from cosmos_fast.data.dali_loader import DaliWebDatasetLoader  # noqa: E402
 from cosmos_fast.data.recipe import PARAM_FIELDS  # noqa: E402
@@ -220,11 +220,9 @@ def main(argv=None) -> int:
         print(f"{r['provider']:16s} {r['images_per_s']:9.1f} {r['images_per_s_p20']:7.1f} "
               f"{r['images_per_s_p80']:7.1f} {r['crops_per_s']:8.1f} {r['startup_s']:10.2f} "
               f"{r['ratio_vs_torchvision']!s:>13s}")
-    out = write_csv("data", rows, device, case=("bench", "provider", "output_device", "threads", "batch_size",
-                                                "image_size", "crops_per_image", "steps", "warmup", "reps"))
-    print(f"\nwrote {out}")
-    if args.record:
-        record(out)
+    save_results("data", rows, device, record_run=args.record,
+                 case=("bench", "provider", "output_device", "threads", "batch_size", "image_size", "crops_per_image",
+                       "steps", "warmup", "reps"))
     if tmp is not None:
         tmp.cleanup()
     return 0

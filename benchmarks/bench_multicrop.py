@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import add_record_arg, env_info, record, time_fn, write_csv  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, save_results, time_fn  # noqa: E402
 from cosmos_fast.data.recipe import PARAM_FIELDS  # noqa: E402
 from cosmos_fast.data.synthetic import make_scene  # noqa: E402
 from cosmos_fast.data.transforms import FusedMultiCropTransform, seeded  # noqa: E402
@@ -108,10 +108,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['provider']:12s} {r['median_ms_per_image']:9.3f} {r['p20_ms_per_image']:8.3f} "
               f"{r['p80_ms_per_image']:8.3f} {r['images_per_s']:9.1f} {r['ratio_vs_torchvision']:13.3f}")
-    out = write_csv("multicrop", rows, device)
-    print(f"\nwrote {out}")
-    if args.record:
-        record(out)
+    save_results("multicrop", rows, device, record_run=args.record,
+                 case=("bench", "provider", "threads", "image_size", "crop_sizes", "images", "warmup", "reps"))
     return 0
 
 

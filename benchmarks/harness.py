@@ -7,6 +7,7 @@
   inside the call until it is freed (so it counts tensors saved for backward, not Python objects).
 * :func:`write_csv` — append rows to ``<results>/<bench>/<device>_<date>_<sha>.csv``, the one writer
   of results: long format (one row per case and quantity), one unit per quantity (see below).
+* :func:`save_results` — :func:`write_csv`, print the path, and :func:`record` it on ``--record``.
 * :func:`add_record_arg` / :func:`record` — ``--record``: name a run's CSV as its benchmark's headline
   in ``bench_results/manifest.json``, the runs ``benchmarks/report.py`` puts in the README.
 
@@ -222,6 +223,16 @@ def write_csv(bench: str, rows: list[dict], device: torch.device, *, case: tuple
         if new:
             w.writeheader()
         w.writerows(long_rows([{**info, **r} for r in rows], tuple(case), tuple(info)))
+    return out
+
+
+def save_results(bench: str, rows: list[dict], device: torch.device, *, case: tuple[str, ...], record_run: bool = False,
+                 root: Path | None = None) -> Path:
+    """:func:`write_csv`, say where, and with ``record_run`` (a benchmark's ``--record``) :func:`record` it."""
+    out = write_csv(bench, rows, device, case=case, root=root)
+    print(f"\nwrote {out}")
+    if record_run:
+        record(out)
     return out
 
 
