@@ -40,6 +40,7 @@ setup(
             "numba==0.68.1",          # DALI CPU pipeline: the fused kernel equal to torchvision's crops (optional elsewhere)
             "matplotlib==3.11.2",     # bench_results/ PNGs are compared byte for byte (tests/test_benchmarks.py)
             "pillow==13.0.0",         # writes those PNGs; the crop kernel follows Pillow 13's resampling order
+            "torchmetrics==1.9.0",    # tests/test_segmentation.py: mIoU against its multiclass Jaccard index
         ],
         # DALI for the cluster's CUDA major (A100 clusters: CUDA 12)
         "dali": ["nvidia-dali-cuda120", "numba"],
