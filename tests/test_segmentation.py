@@ -372,7 +372,7 @@ def test_evaluate_segmentation_end_to_end(tmp_path):
     assert plain["csa"] is False and plain["n_images"] == 5
 
 
-def _rank_worker(rank, world, init_file, root, out_dir):
+def _rank_worker(rank, world, init_file, root, out_dir, zero3):
     import datetime
 
     import torch.distributed as dist
@@ -383,19 +383,36 @@ def _rank_worker(rank, world, init_file, root, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         seg_set = write_seg_set(Path(root))
-        result = evaluate_segmentation(tiny(TINY_TEXT), seg_set, shards=Shards())
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"result": result}))
+        out = {"result": evaluate_segmentation(tiny(TINY_TEXT), seg_set, shards=Shards())}
+        if zero3:
+            import deepspeed
+
+            os.environ.update(LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+            teacher = tiny(TINY_TEXT)                  # partitioned, no engine (the teacher)
+            ds = {"train_micro_batch_size_per_gpu": 1,
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+            deepspeed.zero.Init(module=teacher, config_dict_or_path=ds, dtype=torch.float32)
+            out["zero3"] = evaluate_segmentation(teacher, seg_set, shards=Shards())
+            out["partitioned_after"] = teacher.visual.proj.numel() == 0
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_rank_gloo_equals_single_process(tmp_path):
+    """2 ranks each segment their part and sum the confusion matrices: both return the single-process
+    result. With DeepSpeed, the same for a ZeRO-3 partitioned teacher (gathered for the evaluation)."""
     import torch.multiprocessing as mp
 
     data = tmp_path / "data"
     data.mkdir()
     seg_set = write_seg_set(data)
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(data), str(tmp_path)), nprocs=2, join=True)
+    try:
+        import deepspeed  # noqa: F401
+        zero3 = True
+    except ImportError:
+        zero3 = False
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(data), str(tmp_path), zero3), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["result"] == ranks[1]["result"]
     single = evaluate_segmentation(tiny(TINY_TEXT), seg_set)
@@ -404,3 +421,7 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     assert got["mIoU"] == pytest.approx(single["mIoU"], abs=1e-12)
     for name, v in single["per_class_iou"].items():
         assert got["per_class_iou"][name] == (None if v is None else pytest.approx(v, abs=1e-12))
+    if not zero3:
+        pytest.skip("deepspeed is not installed: the ZeRO-3 part did not run")
+    assert ranks[0]["zero3"] == ranks[1]["zero3"] == got
+    assert ranks[0]["partitioned_after"] and ranks[1]["partitioned_after"]
