@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["cosmos_fast", "cosmos_fast.*"]) + ["cosmos_fast.kernels"],
     # kernels/ ships as cosmos_fast.kernels so it cannot clash with the unrelated PyPI `kernels`
     package_dir={"cosmos_fast": "cosmos_fast", "cosmos_fast.kernels": "kernels"},
-    package_data={"cosmos_fast": ["configs/*.yaml"]},
+    package_data={"cosmos_fast": ["configs/*.yaml", "eval/seg_classes/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
