@@ -14,7 +14,7 @@ from cosmos_fast.eval.datasets import AnnotationError, MissingAnnotationError
 from cosmos_fast.eval.seg_datasets import (NUM_CLASSES, SEG_SETS, SEG_SETS_WITH_BACKGROUND,
                                            SEG_SETS_WITHOUT_BACKGROUND, class_file, load_segmentation_set,
                                            voc_layout_set)
-from cosmos_fast.eval.seg_types import SegSettings
+from cosmos_fast.eval.seg_types import SegSettings, class_names
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 8, 6
@@ -68,6 +68,9 @@ def test_voc21_and_voc20(tmp_path):
     assert voc21.class_file == class_file("voc21") and voc21.label_lut is None
     voc20 = load_segmentation_set("voc20", tmp_path)
     assert voc20.images == voc21.images and voc20.masks == voc21.masks
+    # result keys: the with-background set calls class 0 "background" (its line lists stuff words)
+    assert voc21.class_names[0] == "background" and voc21.class_names[1:] == class_names(class_file("voc20"))
+    assert voc20.class_names is None
     for i, name in enumerate(["2007_000033", "2007_000042"]):
         img, labels = voc21.load(i)
         assert img.size == (W, H) and img.mode == "RGB"

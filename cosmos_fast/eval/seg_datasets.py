@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import AnnotationError, MissingAnnotationError
-from .seg_types import IGNORE_INDEX, SegmentationSet, SegSettings
+from .seg_types import IGNORE_INDEX, SegmentationSet, SegSettings, class_names
 
 SEG_SETS = ("voc21", "voc20", "context60", "context59", "coco_object", "cityscapes", "ade20k", "coco_stuff164k")
 #: the sets whose class 0 is a background class (``--seg-w-background``), and the others
@@ -169,7 +169,15 @@ def _scanned_set(name: str, img_dir: Path, img_suffix: str, mask_dir: Path,
 
 def load_segmentation_set(name: str, root) -> SegmentationSet:
     """Benchmark ``name`` (one of :data:`SEG_SETS`) from ``root``, the folder holding ``VOCdevkit/``,
-    ``coco_stuff164k/``, ``cityscapes/``, ``ade/``; its val split, class file and §6.5 settings."""
+    ``coco_stuff164k/``, ``cityscapes/``, ``ade/``; its val split, class file and §6.5 settings. A
+    with-background set names its class 0 "background" in the results (its line lists stuff words)."""
+    seg_set = _load_set(name, root)
+    if name in SEG_SETS_WITH_BACKGROUND:
+        seg_set.class_names = ["background", *class_names(seg_set.class_file)[1:]]
+    return seg_set
+
+
+def _load_set(name: str, root) -> SegmentationSet:
     cls = class_file(name)
     root = _root_folder(Path(root), "segmentation root")
     settings = SEG_SETTINGS[name]

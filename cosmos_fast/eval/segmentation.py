@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from ..data.captions import Tokenizer
 from ..data.normalize import OPENAI_MEAN, OPENAI_STD
 from ..engine import gathered
 from .dense import dense_features
-from .seg_types import IGNORE_INDEX, SegmentationSet, SegSettings
+from .seg_types import IGNORE_INDEX, SegmentationSet, SegSettings, class_names, read_class_queries
 from .sharding import Shards, unwrap
 from .zeroshot import build_classifiers
 
@@ -45,37 +44,6 @@ OPENAI_TEMPLATES = tuple(OPENAI_IMAGENET_TEMPLATES)
 
 
 # ------------------------------------------------------------------------------------------ text
-def read_class_queries(path) -> tuple[list[str], list[int]]:
-    """Queries of a class file and each query's class (its line number, from 0). Synonyms are
-    stripped of surrounding spaces (the tokenizer collapses them anyway); trailing blank lines are
-    ignored; a class line without a name is an error naming the file and line."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise ValueError(f"class file {path} lists no class")
-    queries, owner = [], []
-    for k, line in enumerate(lines):
-        names = [s.strip() for s in line.split(",") if s.strip()]
-        if not names:
-            raise ValueError(f"class file {path}, line {k + 1}: no class name")
-        queries += names
-        owner += [k] * len(names)
-    return queries, owner
-
-
-def class_names(path) -> list[str]:
-    """One name per class of a class file: the first synonym of its line (``name#k`` when an
-    earlier line already starts with that name, so the names are unique keys)."""
-    queries, owner = read_class_queries(path)
-    names = []
-    for q, k in zip(queries, owner):
-        if k == len(names):
-            names.append(q if q not in names else f"{q}#{k}")
-    return names
-
-
 @torch.no_grad()
 def query_embeddings(model: nn.Module, queries, templates=OPENAI_TEMPLATES, tokenizer=None, device="cpu",
                      batch_size: int = 256) -> torch.Tensor:
@@ -279,7 +247,7 @@ def evaluate_segmentation(model: nn.Module, seg_set: SegmentationSet, *, csa: bo
     per = shards.per_rank(n)
     mine = shards.indices(n)[:max(0, min(per, n - shards.rank * per))]
     m = unwrap(model)
-    names = class_names(seg_set.class_file)
+    names = list(seg_set.class_names or class_names(seg_set.class_file))
     cm = ConfusionMatrix(len(names))
     with _eval_mode(model), torch.no_grad(), gathered(m):
         segmentor = Segmentor(m, seg_set.class_file, seg_set.settings, csa=csa, device=device,
