@@ -34,7 +34,8 @@ def cmd_make_demo_data(args) -> int:
     patterns = write_demo_data(args.output_dir, n_train=args.n_train, n_val=args.n_val,
                                samples_per_shard=args.samples_per_shard, seed=args.seed,
                                image_size=args.image_size)
-    print(f"train shards: {patterns['train']}\nval shards:   {patterns['val']}")
+    print(f"train shards: {patterns['train']}\nval shards:   {patterns['val']}\n"
+          f"val segmentation set (VOC layout): {patterns['val_seg']}")
     return 0
 
 
@@ -140,7 +141,8 @@ def build_parser(full: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
     _add_lazy(sub, "make-shards", "make-shards" in full)
     m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards",
-                       description="Write the demo's synthetic scenes as webdataset shards (train-*.tar, val-*.tar).")
+                       description="Write the demo's synthetic scenes as webdataset shards (train-*.tar, val-*.tar) "
+                                   "and the held-out images' label maps in a VOC layout (val_seg/).")
     m.add_argument("--output-dir", default="runs/demo/data", help="where the shards go (default runs/demo/data)")
     m.add_argument("--n-train", type=int, default=2048, help="training samples (default 2048)")
     m.add_argument("--n-val", type=int, default=128, help="held-out retrieval samples (default 128)")
