@@ -66,13 +66,14 @@ commands:
   cosmos-fast train [--config PRESET_OR_YAML] [--output-dir DIR] [--resume DIR_OR_FILE] [key=value ...]
   cosmos-fast train --print-config [--config PRESET_OR_YAML] [key=value ...]   the resolved config, no run
   cosmos-fast eval --checkpoint PATH --retrieval-root DIR | --imagenet-val DIR | --sun397-root DIR
+                   | --segmentation-root DIR
   cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE   (the official single-file format)
   cosmos-fast make-shards --captions CSV --images DIR --output-dir DIR   (webdataset + DALI index)
   cosmos-fast make-demo-data --output-dir DIR [--n-train N] [--n-val N] [--seed S]
 
 'cosmos-fast COMMAND --help' describes a command's options."""
 
-# Eval data layouts (cosmos_fast/eval/datasets.py), appended to the eval epilog.
+# Eval data layouts (cosmos_fast/eval/datasets.py, seg_datasets.py), appended to the eval epilog.
 EVAL_LAYOUTS = """\
 data layouts (ROOT = --retrieval-root):
   coco, official split:   ROOT/coco/annotations/captions_val2017.json (COCO API) and
@@ -84,12 +85,16 @@ data layouts (ROOT = --retrieval-root):
   imagenet (--imagenet-val DIR):  DIR/<wnid>/*.JPEG (or DIR/val_images/, DIR/data/val_images/); 1000
                           class folders get open_clip's names, others need --imagenet-classnames FILE
   sun397 (--sun397-root DIR):     DIR/SUN397/ClassName.txt and DIR/SUN397/<letter>/<class>[/<sub>]/*.jpg
-                          (torchvision's layout; DIR may be SUN397 itself; a seeded 19,850-image subset)"""
+                          (torchvision's layout; DIR may be SUN397 itself; a seeded 19,850-image subset)
+  segmentation (--segmentation-root DIR): the benchmarks' standard releases under DIR (VOCdevkit/VOC2012,
+                          VOCdevkit/VOC2010, coco_stuff164k, cityscapes, ade), as cosmos_fast/eval/seg_datasets.py
+                          reads them"""
 
 # Commands whose options are defined in modules that import torch: (module, adder, one-line help).
 # Until one of them is the command being run, the parser holds a stub with the same help line.
 _LAZY = {
-    "eval": ("cosmos_fast.eval.cli", "add_eval_parser", "zero-shot retrieval / classification of a checkpoint"),
+    "eval": ("cosmos_fast.eval.cli", "add_eval_parser",
+             "zero-shot retrieval / classification / segmentation of a checkpoint"),
     "make-shards": ("cosmos_fast.data.shards", "add_make_shards_parser",
                     "write webdataset shards + DALI indexes from DreamLIP / PixelProse captions and images, "
                     "or index existing shards"),
@@ -117,11 +122,13 @@ def build_parser(full: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cosmos-fast", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="train the tiny model on synthetic scenes on CPU and report retrieval",
+    d = sub.add_parser("demo", help="train the tiny model on synthetic scenes on CPU and report retrieval and "
+                                    "segmentation",
                        description="Write a synthetic data set, train the tiny model with the tiny-cpu preset, "
-                                   "evaluate retrieval before and after, write metrics.json and demo.png.")
+                                   "evaluate retrieval and the teacher's zero-shot segmentation of the held-out "
+                                   "scenes before and after, write metrics.json, demo.png and segmentation.png.")
     d.add_argument("--output-dir", default="runs/demo", help="run folder (data/, checkpoints, metrics.json, "
-                   "demo.png; default runs/demo)")
+                   "demo.png, segmentation.png; default runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the run (default 0)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides on top of the tiny-cpu preset (e.g. optim.epochs=8)")

@@ -19,8 +19,8 @@ and is also written as a VOC-like segmentation set (``val_seg/``: the same JPEG 
 label map per image, ``ImageSets/Segmentation/val.txt`` and ``classes.txt``) for the demo's zero-shot
 segmentation. The classes are the shape colours (class k = ``SEG_CLASSES[k]``, background 0): the
 captions name colour and shape, but a colour can be read from any patch of an object while its shape
-cannot, so colour is what dense patch features can learn; each class's queries are the caption
-phrases that name it ("red circle", "red square", ...). The label map rasterises the same shapes at
+cannot, so colour is what dense patch features can learn; each class's queries are the colour and
+the caption phrases that name it ("red", "red circle", "red square", ...). The label map rasterises the same shapes at
 the same coordinates, and ``ImageDraw`` does not anti-alias, so it labels exactly the pixels that
 were painted (no ignore band at the edges). Everything is deterministic from the seed; the masks draw
 no random numbers, so the shards are the same as without them.
@@ -144,9 +144,10 @@ def make_scene_with_mask(rng: np.random.Generator, size: int = 128):
 
 
 def seg_class_lines() -> list[str]:
-    """The class file's lines: the words the captions use for each class, comma-separated."""
+    """The class file's lines: the words the captions use for each class, comma-separated, the class's
+    name first ("red, red circle, red square, ...")."""
     bg = ["background", *(f"{c} background" for c in BACKGROUNDS), *(f"{t} background" for t in TEXTURES)]
-    return [", ".join(bg)] + [", ".join(f"{c} {s}" for s in SHAPES) for c in COLOURS]
+    return [", ".join(bg)] + [", ".join([c, *(f"{c} {s}" for s in SHAPES)]) for c in COLOURS]
 
 
 def label_png(labels: np.ndarray) -> Image.Image:
