@@ -28,7 +28,7 @@ names them (each must exist); without it, the three with-background sets when ``
 is given, else the five without background, those absent skipped with a warning. The paper's
 protocol segments with the **teacher** (the default ``--model``), in fp32 whatever ``--precision``
 says, with the CSA last block (``--no-csa``: the plain last block). Its result per set: ``mIoU``,
-``per_class_iou`` (null for a class absent from both ground truth and predictions), ``n_images``,
+``per_class_iou`` (null for an absent class), ``n_images``,
 ``csa``. Only tensors, plain
 containers and a few known types are unpickled: a file that holds other objects is refused (exit 2)
 unless ``--trust-checkpoint`` says its code may run.
