@@ -34,7 +34,8 @@ def cmd_make_demo_data(args) -> int:
     patterns = write_demo_data(args.output_dir, n_train=args.n_train, n_val=args.n_val,
                                samples_per_shard=args.samples_per_shard, seed=args.seed,
                                image_size=args.image_size)
-    print(f"train shards: {patterns['train']}\nval shards:   {patterns['val']}")
+    print(f"train shards: {patterns['train']}\nval shards:   {patterns['val']}\n"
+          f"val segmentation set (VOC layout): {patterns['val_seg']}")
     return 0
 
 
@@ -65,13 +66,14 @@ commands:
   cosmos-fast train [--config PRESET_OR_YAML] [--output-dir DIR] [--resume DIR_OR_FILE] [key=value ...]
   cosmos-fast train --print-config [--config PRESET_OR_YAML] [key=value ...]   the resolved config, no run
   cosmos-fast eval --checkpoint PATH --retrieval-root DIR | --imagenet-val DIR | --sun397-root DIR
+                   | --segmentation-root DIR
   cosmos-fast export --checkpoint RUN_OR_CHECKPOINT --output FILE   (the official single-file format)
   cosmos-fast make-shards --captions CSV --images DIR --output-dir DIR   (webdataset + DALI index)
   cosmos-fast make-demo-data --output-dir DIR [--n-train N] [--n-val N] [--seed S]
 
 'cosmos-fast COMMAND --help' describes a command's options."""
 
-# Eval data layouts (cosmos_fast/eval/datasets.py), appended to the eval epilog.
+# Eval data layouts (cosmos_fast/eval/datasets.py, seg_datasets.py), appended to the eval epilog.
 EVAL_LAYOUTS = """\
 data layouts (ROOT = --retrieval-root):
   coco, official split:   ROOT/coco/annotations/captions_val2017.json (COCO API) and
@@ -83,12 +85,16 @@ data layouts (ROOT = --retrieval-root):
   imagenet (--imagenet-val DIR):  DIR/<wnid>/*.JPEG (or DIR/val_images/, DIR/data/val_images/); 1000
                           class folders get open_clip's names, others need --imagenet-classnames FILE
   sun397 (--sun397-root DIR):     DIR/SUN397/ClassName.txt and DIR/SUN397/<letter>/<class>[/<sub>]/*.jpg
-                          (torchvision's layout; DIR may be SUN397 itself; a seeded 19,850-image subset)"""
+                          (torchvision's layout; DIR may be SUN397 itself; a seeded 19,850-image subset)
+  segmentation (--segmentation-root DIR): the benchmarks' standard releases under DIR (VOCdevkit/VOC2012,
+                          VOCdevkit/VOC2010, coco_stuff164k, cityscapes, ade), as cosmos_fast/eval/seg_datasets.py
+                          reads them"""
 
 # Commands whose options are defined in modules that import torch: (module, adder, one-line help).
 # Until one of them is the command being run, the parser holds a stub with the same help line.
 _LAZY = {
-    "eval": ("cosmos_fast.eval.cli", "add_eval_parser", "zero-shot retrieval / classification of a checkpoint"),
+    "eval": ("cosmos_fast.eval.cli", "add_eval_parser",
+             "zero-shot retrieval / classification / segmentation of a checkpoint"),
     "make-shards": ("cosmos_fast.data.shards", "add_make_shards_parser",
                     "write webdataset shards + DALI indexes from DreamLIP / PixelProse captions and images, "
                     "or index existing shards"),
@@ -116,11 +122,13 @@ def build_parser(full: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cosmos-fast", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="train the tiny model on synthetic scenes on CPU and report retrieval",
+    d = sub.add_parser("demo", help="train the tiny model on synthetic scenes on CPU and report retrieval and "
+                                    "segmentation",
                        description="Write a synthetic data set, train the tiny model with the tiny-cpu preset, "
-                                   "evaluate retrieval before and after, write metrics.json and demo.png.")
+                                   "evaluate retrieval and the teacher's zero-shot segmentation of the held-out "
+                                   "scenes before and after, write metrics.json, demo.png and segmentation.png.")
     d.add_argument("--output-dir", default="runs/demo", help="run folder (data/, checkpoints, metrics.json, "
-                   "demo.png; default runs/demo)")
+                   "demo.png, segmentation.png; default runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the run (default 0)")
     d.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides on top of the tiny-cpu preset (e.g. optim.epochs=8)")
@@ -140,7 +148,8 @@ def build_parser(full: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
     _add_lazy(sub, "make-shards", "make-shards" in full)
     m = sub.add_parser("make-demo-data", help="write the synthetic webdataset shards",
-                       description="Write the demo's synthetic scenes as webdataset shards (train-*.tar, val-*.tar).")
+                       description="Write the demo's synthetic scenes as webdataset shards (train-*.tar, val-*.tar) "
+                                   "and the held-out images' label maps in a VOC layout (val_seg/).")
     m.add_argument("--output-dir", default="runs/demo/data", help="where the shards go (default runs/demo/data)")
     m.add_argument("--n-train", type=int, default=2048, help="training samples (default 2048)")
     m.add_argument("--n-val", type=int, default=128, help="held-out retrieval samples (default 128)")

@@ -20,7 +20,9 @@ def test_public_api():
 
 
 def test_demo_trains_to_five_times_chance(tmp_path, capsys):
-    """The README's first command on its defaults: R@1 ≥ 5× chance for both models and directions."""
+    """The README's first command on its defaults: R@1 ≥ 5× chance for both models and directions;
+    the teacher's zero-shot segmentation of the held-out scenes is reported before and after
+    (metrics.json, the summary, segmentation.png)."""
     rc = main(["demo", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
@@ -31,6 +33,12 @@ def test_demo_trains_to_five_times_chance(tmp_path, capsys):
         for k in ("i2t_r1", "t2i_r1"):
             assert metrics["after"][model][k] >= 5 * chance, (model, k, metrics["after"][model][k])
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    seg = metrics["segmentation"]
+    assert seg["model"] == "teacher" and seg["csa"] is True and seg["n_images"] == 128
+    for when in ("before", "after"):
+        assert 0.0 <= seg[when]["mIoU"] <= 1.0 and len(seg[when]["per_class_iou"]) == len(seg["classes"]) == 9
+    assert seg["after"]["mIoU"] != seg["before"]["mIoU"]                 # the teacher's weights were trained
+    assert "mIoU" in out and (tmp_path / "segmentation.png").stat().st_size > 10_000
     assert "PASS" in out
     assert (tmp_path / "checkpoints" / "epoch_latest.pt").is_file()
 

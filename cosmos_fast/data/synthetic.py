@@ -14,13 +14,22 @@ region:
 * ``longSV_captions``    pairwise relations ("the red circle is to the left of the blue square")
 * ``longLLA_captions``   a scene summary and the background
 
-The held-out split (``val-*.tar``) adds ``retrieval_captions``, the captions used for retrieval.
-Everything is deterministic from the seed.
+The held-out split (``val-*.tar``) adds ``retrieval_captions``, the captions used for retrieval,
+and is also written as a VOC-like segmentation set (``val_seg/``: the same JPEG files, a palette PNG
+label map per image, ``ImageSets/Segmentation/val.txt`` and ``classes.txt``) for the demo's zero-shot
+segmentation. The classes are the shape colours (class k = ``SEG_CLASSES[k]``, background 0): the
+captions name colour and shape, but a colour can be read from any patch of an object while its shape
+cannot, so colour is what dense patch features can learn; each class's queries are the colour and
+the caption phrases that name it ("red", "red circle", "red square", ...). The label map rasterises the same shapes at
+the same coordinates, and ``ImageDraw`` does not anti-alias, so it labels exactly the pixels that
+were painted (no ignore band at the edges). Everything is deterministic from the seed; the masks draw
+no random numbers, so the shards are the same as without them.
 """
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +41,9 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 BACKGROUNDS = {"gray": (128, 128, 128), "beige": (220, 205, 170), "teal": (60, 130, 130), "pink": (230, 170, 185)}
 TEXTURES = ("striped", "dotted", "checkered", "noisy")
+SEG_CLASSES = ("background", *COLOURS)
+# label-map palette: each colour class in its own colour, background dark gray, ignore (255) VOC's cream
+SEG_PALETTE = [(90, 90, 90), *COLOURS.values()]
 
 
 def _where(r: int, c: int) -> str:
@@ -76,10 +88,19 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour):
 
 def make_scene(rng: np.random.Generator, size: int = 128):
     """(PIL image, DreamLIP record) for one random scene."""
+    img, record, _ = make_scene_with_mask(rng, size)
+    return img, record
+
+
+def make_scene_with_mask(rng: np.random.Generator, size: int = 128):
+    """(PIL image, DreamLIP record, size×size uint8 label map: index in ``SEG_CLASSES``) for one
+    random scene; the same random draws, image and record as :func:`make_scene`."""
     bg_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     img = _background(rng, size, BACKGROUNDS[bg_name], texture)
     draw = ImageDraw.Draw(img)
+    labels = Image.new("L", (size, size), 0)
+    label_draw = ImageDraw.Draw(labels)
     n_obj = int(rng.integers(2, 4))
     cells = rng.choice(9, size=n_obj, replace=False)
     colour_names = rng.choice(list(COLOURS), size=n_obj, replace=False)
@@ -93,7 +114,9 @@ def make_scene(rng: np.random.Generator, size: int = 128):
         jitter = (cell - extent) / 2
         x0 = c * cell + jitter + rng.uniform(-jitter, jitter) * 0.5
         y0 = r * cell + jitter + rng.uniform(-jitter, jitter) * 0.5
-        _draw_shape(draw, shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour_names[k]])
+        box = (x0, y0, x0 + extent, y0 + extent)
+        _draw_shape(draw, shape, box, COLOURS[colour_names[k]])
+        _draw_shape(label_draw, shape, box, SEG_CLASSES.index(str(colour_names[k])))
         objects.append({"colour": str(colour_names[k]), "shape": shape, "size": "large" if large else "small",
                         "row": r, "col": c})
     names = [f"{o['colour']} {o['shape']}" for o in objects]
@@ -117,7 +140,25 @@ def make_scene(rng: np.random.Generator, size: int = 128):
         "longSV_captions": relations or [f"the {names[0]} and the {names[1]} are in the same place"],
         "longLLA_captions": [f"the scene shows {n_obj} shapes on a {texture} {bg_name} background", bg],
     }
-    return img, record
+    return img, record, np.asarray(labels)
+
+
+def seg_class_lines() -> list[str]:
+    """The class file's lines: the words the captions use for each class, comma-separated, the class's
+    name first ("red, red circle, red square, ...")."""
+    bg = ["background", *(f"{c} background" for c in BACKGROUNDS), *(f"{t} background" for t in TEXTURES)]
+    return [", ".join(bg)] + [", ".join([c, *(f"{c} {s}" for s in SHAPES)]) for c in COLOURS]
+
+
+def label_png(labels: np.ndarray) -> Image.Image:
+    """A label map as a palette ('P') PNG image, VOC's format (255 = ignore)."""
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8)).convert("P")
+    palette = [0] * 768
+    for k, rgb in enumerate(SEG_PALETTE):
+        palette[3 * k:3 * k + 3] = rgb
+    palette[765:768] = (224, 224, 192)
+    img.putpalette(palette)
+    return img
 
 
 def retrieval_caption(record: dict) -> str:
@@ -127,11 +168,18 @@ def retrieval_caption(record: dict) -> str:
 
 def write_demo_data(out_dir, n_train: int = 2048, n_val: int = 128, samples_per_shard: int = 256,
                     seed: int = 0, image_size: int = 128) -> dict:
-    """Write ``train-NNNNNN.tar`` and ``val-NNNNNN.tar`` shards; returns their brace patterns."""
+    """Write ``train-NNNNNN.tar`` and ``val-NNNNNN.tar`` shards and the held-out segmentation set
+    ``val_seg/``; returns ``{"train": pattern, "val": pattern, "val_seg": folder}``."""
     import webdataset as wds
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    seg = out / "val_seg"
+    if seg.exists():
+        shutil.rmtree(seg)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (seg / sub).mkdir(parents=True)
+    seg_ids = []
     rng = np.random.default_rng(seed)
     patterns = {}
     for split, n in (("train", n_train), ("val", n_val)):
@@ -141,15 +189,22 @@ def write_demo_data(out_dir, n_train: int = 2048, n_val: int = 128, samples_per_
             tmp = path.with_suffix(".tar.tmp")
             with wds.TarWriter(str(tmp)) as sink:
                 for i in range(s * samples_per_shard, min(n, (s + 1) * samples_per_shard)):
-                    img, record = make_scene(rng, image_size)
+                    img, record, labels = make_scene_with_mask(rng, image_size)
                     if split == "val":
                         record["retrieval_captions"] = [retrieval_caption(record)]
                     buf = io.BytesIO()
                     img.save(buf, format="JPEG", quality=90)
-                    sink.write({"__key__": f"{split}{i:07d}", "jpg": buf.getvalue(),
-                                "json": json.dumps(record).encode()})
+                    key = f"{split}{i:07d}"
+                    sink.write({"__key__": key, "jpg": buf.getvalue(), "json": json.dumps(record).encode()})
+                    if split == "val":                  # the very JPEG bytes the retrieval eval decodes
+                        (seg / "JPEGImages" / f"{key}.jpg").write_bytes(buf.getvalue())
+                        label_png(labels).save(seg / "SegmentationClass" / f"{key}.png")
+                        seg_ids.append(key)
             tmp.replace(path)
         patterns[split] = str(out / (f"{split}-{{000000..{n_shards - 1:06d}}}.tar" if n_shards > 1
                                      else f"{split}-000000.tar"))
+    (seg / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{k}\n" for k in seg_ids))
+    (seg / "classes.txt").write_text("".join(f"{line}\n" for line in seg_class_lines()))
+    patterns["val_seg"] = str(seg)
     (out / "DONE").write_text(json.dumps({"seed": seed, "n_train": n_train, "n_val": n_val, **patterns}))
     return patterns

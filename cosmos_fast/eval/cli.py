@@ -4,6 +4,8 @@
                      [--retrieval-root DIR [--retrieval-sets coco,flickr30k] [--retrieval-split official|karpathy]]
                      [--val-shards PATTERN]
                      [--imagenet-val DIR [--imagenet-classnames FILE]] [--sun397-root DIR [--sun397-seed S]]
+                     [--segmentation-root DIR [--segmentation-sets voc21,context60,... | --seg-w-background]
+                      [--csa | --no-csa]]
                      [--batch-size N] [--num-workers N] [--device auto|cpu|cuda:N] [--precision fp32|amp_bf16|amp_fp16]
                      [--output results.json] [--trust-checkpoint]
     cosmos-fast eval --huggingface-repo-name sankim2/cosmos --huggingface-model-name cosmos_vitb16_cc3m.pt ...
@@ -18,7 +20,16 @@ newest complete checkpoint, as ``export``) or a DeepSpeed tag folder. ``--model-
 the model the checkpoint records (our runs do), else to ViT-B-32 when the file name says ``vitb32``
 and to ViT-B-16 otherwise. Without ``--retrieval-sets`` the retrieval sets whose annotation file is
 absent are skipped with a warning; a set named there must exist. ``--val-shards`` evaluates the
-held-out webdataset shards training evaluates (``data.val_shards``). Only tensors, plain
+held-out webdataset shards training evaluates (``data.val_shards``).
+
+Zero-shot segmentation (cosmos_method.md §6.5, the SCLIP protocol) runs on the benchmarks found under
+``--segmentation-root`` (the folder holding ``VOCdevkit/``, ``ade/``, ...): ``--segmentation-sets``
+names them (each must exist); without it, the three with-background sets when ``--seg-w-background``
+is given, else the five without background, those absent skipped with a warning. The paper's
+protocol segments with the **teacher** (the default ``--model``), in fp32 whatever ``--precision``
+says, with the CSA last block (``--no-csa``: the plain last block). Its result per set: ``mIoU``,
+``per_class_iou`` (null for an absent class), ``n_images``,
+``csa``. Only tensors, plain
 containers and a few known types are unpickled: a file that holds other objects is refused (exit 2)
 unless ``--trust-checkpoint`` says its code may run.
 
@@ -32,9 +43,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from ..config import TRUST_CHECKPOINT_HELP
 from ..device import resolve_device
@@ -45,8 +60,14 @@ from ..model import create_model
 from ..model.checkpoint import CheckpointMismatchError, select_state_dict, strip_prefix, torch_load
 from .datasets import RETRIEVAL_SETS, SPLITS
 from .evaluate import evaluate_models, format_results, load_eval_sets
+from .seg_datasets import SEG_SETS, SEG_SETS_WITH_BACKGROUND, SEG_SETS_WITHOUT_BACKGROUND, load_segmentation_set
+from .seg_types import SegmentationSet
+from .segmentation import evaluate_segmentation
+from .sharding import Shards
 
 WEIGHTS = ("teacher", "student", "both")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointSourceError(RuntimeError):
@@ -173,6 +194,51 @@ def default_num_workers(cap: int = 8) -> int:
     return max(1, min(cap, cores))
 
 
+def load_segmentation_sets(root, names: Sequence[str] | str | None = None,
+                           with_background: bool = False) -> list[SegmentationSet]:
+    """The segmentation benchmarks under ``root``, read (and checked) before anything is encoded.
+
+    ``names`` (a sequence or a comma-separated string) are loaded and must exist; ``None`` means
+    :data:`SEG_SETS_WITH_BACKGROUND` when ``with_background``, else :data:`SEG_SETS_WITHOUT_BACKGROUND`,
+    the absent ones logged as skipped (a root holding none of them is an error)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if names is not None:
+        unknown = [n for n in names if n not in SEG_SETS]
+        if unknown or not names:
+            raise ValueError(f"unknown segmentation set(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {','.join(SEG_SETS)}")
+        return [load_segmentation_set(n, root) for n in names]
+    found, skipped = [], []
+    for name in SEG_SETS_WITH_BACKGROUND if with_background else SEG_SETS_WITHOUT_BACKGROUND:
+        try:
+            found.append(load_segmentation_set(name, root))
+        except FileNotFoundError as e:
+            skipped.append(f"{name} ({e})")
+    for why in skipped:
+        log.warning("skipping segmentation set %s", why)
+    if not found:
+        raise FileNotFoundError(f"segmentation root {root} holds none of the "
+                                f"{'with' if with_background else 'without'}-background sets: " + "; ".join(skipped))
+    return found
+
+
+def evaluate_segmentation_sets(models: Mapping[str, nn.Module], seg_sets: Sequence[SegmentationSet], *,
+                               csa: bool = True, device="cpu", distributed: bool | None = None, group=None,
+                               progress: bool = False) -> dict:
+    """``{model: {set: evaluate_segmentation's dict}}``. ``distributed=None`` shards the images across
+    ranks exactly when ``torch.distributed`` is initialised (every rank a contiguous part, the
+    confusion matrices summed, so every rank returns the same results); call it on every rank."""
+    shards = Shards(distributed, group)
+    results = {name: {} for name in models}
+    with torch.no_grad():
+        for name, model in models.items():
+            for seg_set in seg_sets:
+                results[name][seg_set.name] = evaluate_segmentation(model, seg_set, csa=csa, device=device,
+                                                                    shards=shards, progress=progress)
+    return results
+
+
 def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None, huggingface_file: str | None = None,
                         huggingface_revision: str | None = None, model: str = "teacher", model_config=None,
                         device="auto", trust_checkpoint: bool = False, **eval_kwargs) -> dict:
@@ -182,15 +248,30 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     default a file holding more than tensors, plain containers and a few known types is refused.
 
     ``eval_kwargs`` go to :func:`cosmos_fast.eval.evaluate.evaluate_models` (retrieval_root,
-    retrieval_sets, split, imagenet_val, imagenet_classnames, sun397_root, batch_size, ...).
+    retrieval_sets, split, imagenet_val, imagenet_classnames, sun397_root, batch_size, ...), except
+    ``segmentation_root``, ``segmentation_sets``, ``seg_w_background`` (:func:`load_segmentation_sets`)
+    and ``csa`` (:func:`evaluate_segmentation_sets`); segmentation results join the retrieval and
+    classification ones, one entry per set.
     """
     if model not in WEIGHTS:
         raise ValueError(f"--model must be one of {WEIGHTS}, got {model!r}")
     split = eval_kwargs.get("split", "official")
     data_keys = ("retrieval_root", "retrieval_sets", "split", "imagenet_val", "imagenet_classnames", "sun397_root",
                  "sun397_seed", "val_shards")
+    seg_root = eval_kwargs.pop("segmentation_root", None)
+    seg_names = eval_kwargs.pop("segmentation_sets", None)
+    seg_w_background = eval_kwargs.pop("seg_w_background", False)
+    csa = eval_kwargs.pop("csa", True)
+    if seg_root is None and (seg_names is not None or seg_w_background):
+        raise ValueError("--segmentation-sets and --seg-w-background need --segmentation-root")
+    if seg_names is not None and seg_w_background:
+        raise ValueError("give either --segmentation-sets or --seg-w-background (which picks the with-background "
+                         f"sets {','.join(SEG_SETS_WITH_BACKGROUND)}), not both")
+    data = {k: eval_kwargs.pop(k) for k in data_keys if k in eval_kwargs}
     # annotation errors surface before a (1.2 GB) checkpoint is read
-    sets = load_eval_sets(**{k: eval_kwargs.pop(k) for k in data_keys if k in eval_kwargs})
+    wants_other = any(data.get(k) for k in ("retrieval_root", "val_shards", "imagenet_val", "sun397_root"))
+    sets = load_eval_sets(**data) if wants_other or seg_root is None else []
+    seg_sets = load_segmentation_sets(seg_root, seg_names, seg_w_background) if seg_root is not None else []
     path, hf = resolve_checkpoint(checkpoint, huggingface_repo, huggingface_file, huggingface_revision)
     weights = ("student", "teacher") if model == "both" else (model,)
     body = read_checkpoint(path, weights, trust=trust_checkpoint)
@@ -202,7 +283,13 @@ def evaluate_checkpoint(checkpoint=None, *, huggingface_repo: str | None = None,
     image_size = eval_kwargs.get("image_size") or (run_size if isinstance(run_size, int) else None) \
         or next(iter(models.values())).cfg.vision_cfg.image_size
     eval_kwargs["image_size"] = image_size
-    results = evaluate_models(models, device=dev, distributed=False, sets=sets, **eval_kwargs)
+    results = (evaluate_models(models, device=dev, distributed=False, sets=sets, **eval_kwargs) if sets
+               else {name: {} for name in models})
+    if seg_sets:
+        seg = evaluate_segmentation_sets(models, seg_sets, csa=csa, device=dev, distributed=False,
+                                         progress=eval_kwargs.get("progress", False))
+        for name in models:
+            results[name].update(seg[name])
     report = {"model": "model" if "model" in models else model, "model_config": label,
               "checkpoint": str(path.resolve()), "source": "huggingface" if hf else "local", "huggingface": hf,
               **meta, "image_size": image_size, "split": split}
@@ -242,6 +329,20 @@ def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="class names for a folder with other than 1000 classes (lines, JSON list or map)")
     data.add_argument("--sun397-root", metavar="DIR", help="torchvision SUN397 layout (SUN397/ClassName.txt)")
     data.add_argument("--sun397-seed", type=int, default=0, help="seed of the documented SUN397 test subset")
+    data.add_argument("--segmentation-root", metavar="DIR",
+                      help="zero-shot segmentation (§6.5): the folder holding the benchmarks (VOCdevkit/, ade/, "
+                           "cityscapes/, coco_stuff164k/); the paper's protocol uses the teacher (--model teacher, "
+                           "the default) in fp32")
+    data.add_argument("--segmentation-sets", default=None,
+                      help=f"comma-separated, from {','.join(SEG_SETS)}; each must exist (default: the "
+                           f"without-background sets {','.join(SEG_SETS_WITHOUT_BACKGROUND)}, or with "
+                           f"--seg-w-background {','.join(SEG_SETS_WITH_BACKGROUND)}; absent ones skipped)")
+    data.add_argument("--seg-w-background", action="store_true",
+                      help=f"segment the with-background sets ({','.join(SEG_SETS_WITH_BACKGROUND)}) instead of "
+                           f"the without-background ones")
+    data.add_argument("--csa", action=argparse.BooleanOptionalAction, default=True,
+                      help="segmentation with the CSA last block (q·qᵀ + k·kᵀ attention, §6.5; default) or the "
+                           "plain one (--no-csa)")
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     run.add_argument("--num-workers", type=int, default=default_num_workers(),
@@ -257,7 +358,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to an ``add_subparsers()`` object; it dispatches to :func:`run_eval`."""
-    p = subparsers.add_parser("eval", help="zero-shot retrieval / classification of a checkpoint",
+    p = subparsers.add_parser("eval", help="zero-shot retrieval / classification / segmentation of a checkpoint",
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _add_eval_args(p)
@@ -269,9 +370,10 @@ def run_eval(args) -> int:
     if args.batch_size < 1 or args.num_workers < 0:
         print("cosmos-fast eval: error: --batch-size must be >= 1 and --num-workers >= 0", file=sys.stderr)
         return 2
-    if not (args.retrieval_root or args.val_shards or args.imagenet_val or args.sun397_root):
-        print("cosmos-fast eval: error: nothing to evaluate; pass --retrieval-root, --val-shards, --imagenet-val "
-              "and/or --sun397-root", file=sys.stderr)
+    if not (args.retrieval_root or args.val_shards or args.imagenet_val or args.sun397_root
+            or args.segmentation_root):
+        print("cosmos-fast eval: error: nothing to evaluate; pass --retrieval-root, --val-shards, --imagenet-val, "
+              "--sun397-root and/or --segmentation-root", file=sys.stderr)
         return 2
     if args.retrieval_sets is not None and not args.retrieval_root:
         print("cosmos-fast eval: error: --retrieval-sets needs --retrieval-root", file=sys.stderr)
@@ -285,7 +387,8 @@ def run_eval(args) -> int:
             retrieval_root=args.retrieval_root, retrieval_sets=args.retrieval_sets, split=args.retrieval_split,
             imagenet_val=args.imagenet_val, imagenet_classnames=args.imagenet_classnames,
             sun397_root=args.sun397_root, sun397_seed=args.sun397_seed, val_shards=args.val_shards,
-            batch_size=args.batch_size,
+            segmentation_root=args.segmentation_root, segmentation_sets=args.segmentation_sets,
+            seg_w_background=args.seg_w_background, csa=args.csa, batch_size=args.batch_size,
             num_workers=args.num_workers, image_size=args.image_size, autocast_dtype=AMP_DTYPES[args.precision],
             progress=not args.no_progress)
     except (FileNotFoundError, ValueError, KeyError, TypeError, CheckpointSourceError,

@@ -212,6 +212,9 @@ def format_results(results: Mapping) -> str:
                 body = (f"i2t R@1/5/10 {100 * m['i2t_r1']:.2f} {100 * m['i2t_r5']:.2f} {100 * m['i2t_r10']:.2f}  "
                         f"t2i R@1/5/10 {100 * m['t2i_r1']:.2f} {100 * m['t2i_r5']:.2f} {100 * m['t2i_r10']:.2f}  "
                         f"({m['n_images']} images, {m['n_texts']} captions)")
+            elif "mIoU" in m:
+                body = (f"mIoU {100 * m['mIoU']:.2f}  ({m['n_images']} images, {len(m['per_class_iou'])} classes, "
+                        f"CSA {'on' if m['csa'] else 'off'})")
             else:
                 body = (f"top-1 {100 * m['top1']:.2f}  top-5 {100 * m['top5']:.2f}  "
                         f"({m['n_images']} images, {m['n_classes']} classes)")
