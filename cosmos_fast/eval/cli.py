@@ -58,7 +58,7 @@ from ..engine import AMP_DTYPES
 from ..export import check_against, read_deepspeed, recorded_model
 from ..model import create_model
 from ..model.checkpoint import CheckpointMismatchError, select_state_dict, strip_prefix, torch_load
-from .datasets import RETRIEVAL_SETS, SPLITS
+from .datasets import RETRIEVAL_SETS, SPLITS, load_present
 from .evaluate import evaluate_models, format_results, load_eval_sets
 from .seg_datasets import SEG_SETS, SEG_SETS_WITH_BACKGROUND, SEG_SETS_WITHOUT_BACKGROUND, load_segmentation_set
 from .seg_types import SegmentationSet
@@ -209,18 +209,10 @@ def load_segmentation_sets(root, names: Sequence[str] | str | None = None,
             raise ValueError(f"unknown segmentation set(s) {', '.join(unknown) or '(none given)'}; "
                              f"choose from {','.join(SEG_SETS)}")
         return [load_segmentation_set(n, root) for n in names]
-    found, skipped = [], []
-    for name in SEG_SETS_WITH_BACKGROUND if with_background else SEG_SETS_WITHOUT_BACKGROUND:
-        try:
-            found.append(load_segmentation_set(name, root))
-        except FileNotFoundError as e:
-            skipped.append(f"{name} ({e})")
-    for why in skipped:
-        log.warning("skipping segmentation set %s", why)
-    if not found:
-        raise FileNotFoundError(f"segmentation root {root} holds none of the "
-                                f"{'with' if with_background else 'without'}-background sets: " + "; ".join(skipped))
-    return found
+    return load_present(SEG_SETS_WITH_BACKGROUND if with_background else SEG_SETS_WITHOUT_BACKGROUND,
+                        lambda name: load_segmentation_set(name, root), "segmentation",
+                        f"segmentation root {root} holds none of the "
+                        f"{'with' if with_background else 'without'}-background sets: ", missing=FileNotFoundError)
 
 
 def evaluate_segmentation_sets(models: Mapping[str, nn.Module], seg_sets: Sequence[SegmentationSet], *,

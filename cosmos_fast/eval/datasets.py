@@ -140,6 +140,23 @@ class ImageListDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- helpers
+def load_present(names: Sequence[str], load: Callable, kind: str, none_found: str,
+                 missing: type[Exception] = MissingAnnotationError) -> list:
+    """``load(name)`` for each of ``names``, skipping (with a log line) the sets whose files are
+    missing (``missing`` raised); none present → FileNotFoundError ``none_found`` + why each was skipped."""
+    found, skipped = [], []
+    for name in names:
+        try:
+            found.append(load(name))
+        except missing as e:
+            skipped.append(f"{name} ({e})")
+    for why in skipped:
+        log.warning("skipping %s set %s", kind, why)
+    if not found:
+        raise FileNotFoundError(none_found + "; ".join(skipped))
+    return found
+
+
 def _read_json(path: Path, what: str):
     if not path.is_file():
         raise MissingAnnotationError(path, f"{what} annotation file {path} not found")

@@ -29,8 +29,8 @@ from ..data.captions import Tokenizer
 from ..engine import gathered
 from ..data.torchvision_loader import worker_loader_kwargs
 from ..data.transforms import eval_transform
-from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, MissingAnnotationError, RetrievalSet,
-                       load_imagenet, load_retrieval_set, load_shard_retrieval_set, load_sun397)
+from .datasets import (RETRIEVAL_SETS, ClassificationSet, ImageListDataset, RetrievalSet,
+                       load_imagenet, load_present, load_retrieval_set, load_shard_retrieval_set, load_sun397)
 from .retrieval import retrieval_metrics
 from .sharding import Shards, autocast, unwrap
 from .zeroshot import build_classifiers, classification_metrics
@@ -97,18 +97,8 @@ def load_eval_sets(*, retrieval_root=None, retrieval_sets: Sequence[str] | str |
         if isinstance(retrieval_sets, str):
             retrieval_sets = [s.strip() for s in retrieval_sets.split(",") if s.strip()]
         if retrieval_sets is None:
-            found, skipped = [], []
-            for name in RETRIEVAL_SETS:
-                try:
-                    found.append(load_retrieval_set(name, retrieval_root, split))
-                except MissingAnnotationError as e:
-                    skipped.append(f"{name} ({e})")
-            for why in skipped:
-                log.warning("skipping retrieval set %s", why)
-            if not found:
-                raise FileNotFoundError(f"retrieval root {retrieval_root} holds none of the {split} retrieval sets: "
-                                        + "; ".join(skipped))
-            sets += found
+            sets += load_present(RETRIEVAL_SETS, lambda name: load_retrieval_set(name, retrieval_root, split),
+                                 "retrieval", f"retrieval root {retrieval_root} holds none of the {split} retrieval sets: ")
         else:
             sets += [load_retrieval_set(name, retrieval_root, split) for name in retrieval_sets]
     if val_shards:
