@@ -419,3 +419,30 @@ def test_bench_data_checks_exactness_then_times(tmp_path, monkeypatch):
     monkeypatch.setattr(multicrop_ref, "reference_crop", lambda img, p, size: real(img, p, size) + 1e-6)
     with pytest.raises(SystemExit, match="differs from torchvision"):
         bench_data.main(["--providers", "dali"] + args)
+
+
+# ----------------------------------------------------------------------------- bench_contrastive
+def test_bench_contrastive_list_api_memory_split_and_flop_rate(tmp_path, monkeypatch):
+    """The loss benchmark checks the official list API against the reference before timing it, reports
+    the 256-pass FLOP rate and the memory beyond the inputs' gradients, measures memory-only sizes, and
+    writes the per-op split to its own CSV; an unknown API suffix is refused."""
+    from benchmarks import bench_contrastive, harness
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    bench_contrastive.main(["--sizes", "16", "--dim", "8", "--reps", "1", "--warmup", "0", "--providers",
+                            "reference", "blockwise", "blockwise:list", "--memory-sizes", "24", "--kernel-split"])
+    rows = _read(next((tmp_path / "contrastive").glob("*.csv")))
+    timed = [r for r in rows if r["mode"] == "fwd+bwd"]
+    assert sorted(r["provider"] for r in timed) == ["blockwise", "blockwise:list", "reference"]
+    for r in timed:
+        assert float(r["tflops_256"]) > 0 and float(r["extra_mem_bytes"]) >= 0
+        assert float(r["peak_mem_bytes"]) == float(r["extra_mem_bytes"]) + float(r["input_grad_bytes"])
+    listed = next(r for r in timed if r["provider"] == "blockwise:list")
+    assert float(listed["max_rel_err_vs_truth"]) < 1e-5
+    memory = [r for r in rows if r["mode"] == "fwd+bwd memory"]
+    assert {r["provider"] for r in memory} == {"blockwise", "blockwise:list"} and {r["B"] for r in memory} == {"24"}
+    assert all(r["grads_finite"] == "1" for r in memory)
+    split = _read(next((tmp_path / "contrastive_split").glob("*.csv")))
+    assert {r["kernel"] for r in split if r["provider"] == "blockwise"} >= {"(all)"}
+    with pytest.raises(SystemExit, match=":list"):
+        bench_contrastive.main(["--sizes", "8", "--providers", "blockwise:tuple"])
