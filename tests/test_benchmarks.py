@@ -446,3 +446,14 @@ def test_bench_contrastive_list_api_memory_split_and_flop_rate(tmp_path, monkeyp
     assert {r["kernel"] for r in split if r["provider"] == "blockwise"} >= {"(all)"}
     with pytest.raises(SystemExit, match=":list"):
         bench_contrastive.main(["--sizes", "8", "--providers", "blockwise:tuple"])
+
+
+def test_ceilings_write_one_row_per_ceiling(tmp_path):
+    """The device-ceiling benchmark measures a copy, a GEMM per dtype and fp64 atomics, each with a rate."""
+    from benchmarks import ceilings
+
+    assert ceilings.main(["--quick", "--reps", "1", "--results-dir", str(tmp_path)]) == 0
+    rows = _read(next((tmp_path / "ceilings").glob("*.csv")))
+    assert [r["what"] for r in rows][0] == "copy" and "gemm" in {r["what"] for r in rows}
+    assert float(next(r for r in rows if r["what"] == "copy")["gb_per_s"]) > 0
+    assert float(next(r for r in rows if r["what"] == "atomic_add_fp64")["g_adds_per_s"]) > 0
