@@ -10,8 +10,8 @@ gather and a reduction return). Paths, on the same weights and batch, timed inte
   official       repeat pooling (``pool_impl="reference"``), the reference loss fed the simulated
                  gather (the full B_g×B_g loss of all 80 pairs on this rank; 1/W gradient semantics
                  as DDP), the Python-loop EMA of the official code, ``torch.optim.AdamW`` with its
-                 defaults (torch picks its foreach kernels on CUDA), eager towers; precision
-                 ``--precision`` (bf16 autocast on CUDA)
+                 defaults (torch picks its foreach kernels on CUDA; ``--official-adamw loop``: off),
+                 eager towers; precision ``--precision`` (bf16 autocast on CUDA)
   official_fp16  the same in the official precision: fp16 autocast + GradScaler (CUDA only)
   generic        the same algorithm plus what anyone could add to the official code:
                  ``torch.compile`` of the towers (``--generic-compile``: regional = each
@@ -269,17 +269,20 @@ def fast_config(model_name, precision: str, extra=()):
     return load_config(None, over + list(extra))
 
 
-def build_official(base, teacher, device, precision, sim, cfg) -> RankPath:
+def build_official(base, teacher, device, precision, sim, cfg, adamw: str = "default") -> RankPath:
+    """``adamw``: ``default`` (the official call: torch picks foreach on CUDA) or ``loop`` (foreach
+    and fused off: the per-parameter loop of older torch releases)."""
     student = copy.deepcopy(base)
     student.pool_impl = "reference"
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    kw = {"foreach": False, "fused": False} if adamw == "loop" else {}
+    opt = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kw)
     scaler = torch.amp.GradScaler("cuda") if precision == "amp_fp16" else None
     engine = OfficialEngine(student, copy.deepcopy(teacher), opt, autocast=_autocast(device, precision), scaler=scaler)
     name = "official_fp16" if precision == "amp_fp16" else "official"
     return RankPath(name, engine, CosmosLoss("reference"), sim, device, precision,
                     {"pool_impl": "reference", "loss_impl": "reference", "compile": "off",
-                     "optimizer": "adamw_default", "ema": "python_loop"})
+                     "optimizer": f"adamw_{adamw}", "ema": "python_loop"})
 
 
 def build_generic(base, teacher, device, precision, sim, cfg, compile_mode: str) -> RankPath:
@@ -412,8 +415,8 @@ def check_every_rank(model="tiny", world: int = 4, batch: int = 8, seed: int = 0
             err[f"{name}_loss_rel_err"] = max(err[f"{name}_loss_rel_err"], abs(lx - lo) / abs(lo))
             err[f"{name}_grad_rel_err"] = max(err[f"{name}_grad_rel_err"], _rel(_flat(gx), _flat(go)))
         err["rank_loss_vs_full_rel_err"] = max(err["rank_loss_vs_full_rel_err"], abs(lo - full_loss) / full_loss)
-        err["scale_grad_vs_full_rel_err"] = max(err["scale_grad_vs_full_rel_err"],
-                                                _rel(_flat(go, lambda n: n in SCALES), _flat(full_grads, lambda n: n in SCALES)))
+        scale_err = _rel(_flat(go, lambda n: n in SCALES), _flat(full_grads, lambda n: n in SCALES))
+        err["scale_grad_vs_full_rel_err"] = max(err["scale_grad_vs_full_rel_err"], scale_err)
         summed = go if summed is None else {n: summed[n] + g for n, g in go.items()}
     err["summed_grad_vs_full_rel_err"] = _rel(_flat(summed, lambda n: n not in SCALES),
                                               _flat(full_grads, lambda n: n not in SCALES))
@@ -510,9 +513,9 @@ def run(args) -> dict:
     paths = {}
     for name in wanted:
         if name == "official":
-            paths[name] = build_official(base, teacher, device, precision, sim, cfg)
+            paths[name] = build_official(base, teacher, device, precision, sim, cfg, args.official_adamw)
         elif name == "official_fp16":
-            paths[name] = build_official(base, teacher, device, "amp_fp16", sim, cfg)
+            paths[name] = build_official(base, teacher, device, "amp_fp16", sim, cfg, args.official_adamw)
         elif name == "generic":
             paths[name] = build_generic(base, teacher, device, precision, sim, cfg, compile_mode)
         else:
@@ -521,7 +524,7 @@ def run(args) -> dict:
     if "fast" in paths:                  # compile the loss kernels before threads launch them
         paths["fast"].forward_loss(batch)
     # the official path in the run's precision: the check's truth and the FLOP count (built if not timed)
-    ref_path = paths.get("official") or build_official(base, teacher, device, precision, sim, cfg)
+    ref_path = paths.get("official") or build_official(base, teacher, device, precision, sim, cfg, args.official_adamw)
     full = check_full_scale(paths, batch, ref_path)                 # ---- equality at scale
     rows_check = {"loss_official_fp32": full["truth"]}
     if args.check_only:
@@ -663,6 +666,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "amp_bf16", "amp_fp16"],
                     help="auto: amp_bf16 on CUDA, fp32 on CPU (official_fp16 is always fp16 + GradScaler)")
+    ap.add_argument("--official-adamw", default="default", choices=["default", "loop"],
+                    help="the official paths' AdamW: torch's defaults (foreach on CUDA), or foreach and fused off")
     ap.add_argument("--generic-compile", default=None, choices=["regional", "whole", "off"],
                     help="torch.compile of the generic path's towers (default regional on CUDA, off on CPU)")
     ap.add_argument("--fast-override", action="append", default=[], metavar="KEY=VALUE",

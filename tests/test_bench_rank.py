@@ -65,8 +65,9 @@ def test_simulated_world_against_one_process(impl):
     tau = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
     tau_d = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
     out = _call(CosmosLoss("reference"), glob, tau, tau_d, w * b)
-    full = out["clip_loss"] + out["distill_loss"]
-    full.backward()
+    total = out["clip_loss"] + out["distill_loss"]
+    total.backward()
+    full = float(total.detach())
     for rank in range(w):
         for lockstep in (True, False):
             own = {k: v[rank].clone().requires_grad_(k[0] == "s") for k, v in peers.items()}
@@ -76,8 +77,8 @@ def test_simulated_world_against_one_process(impl):
                 o = _call(SimLoss(CosmosLoss(impl)), own, t1, t2, b)
                 (o["clip_loss"] + o["distill_loss"]).backward()
             exact = lockstep or impl == "reference"
-            loss = float(o["clip_loss"] + o["distill_loss"])
-            assert (loss == pytest.approx(float(full), rel=1e-12)) == exact, (impl, lockstep, loss, float(full))
+            loss = float((o["clip_loss"] + o["distill_loss"]).detach())
+            assert (loss == pytest.approx(full, rel=1e-12)) == exact, (impl, lockstep, loss, full)
             if not exact:
                 continue
             for k in ("s_text_features", "s_img_crossmodal_features", "s_image_features"):
