@@ -207,8 +207,10 @@ def compile_towers(model, mode: str) -> None:
 class RankPath:
     """One path: its own student, teacher, optimizer (in an engine) and loss, run in ``sim``."""
 
-    def __init__(self, name, engine, loss_fn, sim, device, precision, info: dict, pool_split: bool = True):
+    def __init__(self, name, engine, loss_fn, sim, device, precision, info: dict, pool_split: bool = True,
+                 momentum: float = MOMENTUM, ema_order: str = "before_step"):
         self.name, self.engine, self.sim, self.device, self.precision = name, engine, sim, device, precision
+        self.momentum, self.ema_order = momentum, ema_order
         self.loss = SimLoss(loss_fn)
         self.info = info                       # case columns: pool_impl, loss_impl, compile, ...
         self.timer = NULL_TIMER
@@ -230,8 +232,8 @@ class RankPath:
         self.timer = timer or NULL_TIMER
         try:
             with self.sim.active():
-                return train_step(self.engine, self.loss, batch["crops"], batch["captions"], momentum=MOMENTUM,
-                                  ema_order="before_step", timer=self.timer)
+                return train_step(self.engine, self.loss, batch["crops"], batch["captions"], momentum=self.momentum,
+                                  ema_order=self.ema_order, timer=self.timer)
         finally:
             self.timer = NULL_TIMER
 
@@ -252,7 +254,7 @@ class RankPath:
         grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                  for n, p in self.student.named_parameters()}
         self.engine.zero_grad()
-        return float(losses["loss"]), grads
+        return float(losses["loss"].detach()), grads
 
 
 def _autocast(device, precision):
@@ -312,7 +314,8 @@ def build_fast(cfg, base, teacher, device, sim) -> RankPath:
     info = {"pool_impl": resolve_cross_pool_impl(cfg.model.pool_impl, device, (N_CAPS, p.n_head, p.d_model)),
             "loss_impl": resolve_contrastive_impl(cfg.model.loss_impl, device), "compile": "config",
             "optimizer": cfg.distributed.optimizer + ("_fused" if device.type == "cuda" else ""), "ema": "foreach"}
-    return RankPath("fast", engine, loss_fn, sim, device, cfg.train.precision, info)
+    return RankPath("fast", engine, loss_fn, sim, device, cfg.train.precision, info, momentum=cfg.ema.momentum,
+                    ema_order=cfg.ema.order)
 
 
 # ----------------------------------------------------------------------------- inputs

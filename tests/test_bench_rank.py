@@ -112,7 +112,8 @@ def test_cli_smoke_writes_the_csv(tmp_path):
             assert float(r[f"t_{ph}_ms"]) > 0, ph
         assert float(r["flops_official_step"]) > 0 and float(r["mfu_official"]) > 0 and float(r["util_executed"]) > 0
         assert float(r["loss_rel_err_vs_official_fp32"]) <= 1e-4
-        assert float(r["comm_total_bytes"]) == pytest.approx(float(r["comm_loss_bytes"]) + float(r["comm_grad_bytes"]))
+        total = float(r["comm_loss_bytes"]) + float(r["comm_grad_bytes"])   # the table shows MB
+        assert float(r["comm_total_mb"]) == pytest.approx(total / 1e6)
     # the official loss gathers both sides of all 80 pairs (fp32 features); the fast loss 3 tensors
     assert float(off["comm_all_gather_bytes"]) == comm_model.official_loss_allgather(2, 4, 32, feature_bytes=4)
     assert off["loss_collectives"] == "160" and int(fast["loss_collectives"]) < 40
@@ -120,6 +121,9 @@ def test_cli_smoke_writes_the_csv(tmp_path):
     assert float(off["flops_official_step"]) == float(fast["flops_official_step"])
     assert float(fast["flops_executed_step"]) < float(off["flops_official_step"])
     assert float(off["speedup_vs_official"]) == 1.0
+    text = report.build_readme(tmp_path, plots=False)          # the README table of benchmarks/report.py
+    table = [ln for ln in text.split("## rank")[1].splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 2 and "| official |" in table[1] and "| fast |" in table[2]   # header, 2 paths
 
 
 def test_bad_paths_rejected():
