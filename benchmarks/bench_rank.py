@@ -68,7 +68,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.bench_train import _stats, count_flops, device_peak, make_batch, parse_model  # noqa: E402
 from benchmarks.comm_model import comm_volume  # noqa: E402
-from benchmarks.harness import env_info, peak_memory, save_results  # noqa: E402
+from benchmarks.harness import add_record_arg, env_info, peak_memory, save_results  # noqa: E402
 from benchmarks.rank_sim import SimLoss, SimWorld  # noqa: E402
 from cosmos_fast.config import load_config  # noqa: E402
 from cosmos_fast.ema import build_teacher  # noqa: E402
@@ -268,7 +268,7 @@ def fast_config(model_name, precision: str, extra=()):
     over = list(FAST_OVERRIDES) + [f"train.precision={precision}", f"ema.momentum={MOMENTUM}"]
     if isinstance(model_name, str):
         over.append(f"model.name={model_name}")
-    return load_config(None, over + list(extra))
+    return load_config(None, over + list(extra))   # unknown keys / wrong types refused by name
 
 
 def build_official(base, teacher, device, precision, sim, cfg, adamw: str = "default") -> RankPath:
@@ -641,7 +641,7 @@ def _write(args, rows, device) -> dict:
     out = {"rows": rows, "csv": None}
     if not args.no_csv:
         root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_rank_"))
-        out["csv"] = save_results("rank", rows, device, case=CASE, root=root)
+        out["csv"] = save_results("rank", rows, device, case=CASE, root=root, record_run=args.record)
     return out
 
 
@@ -689,6 +689,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--check-only", action="store_true", help="run the equality checks, then stop")
     ap.add_argument("--out", default=None, help="results root: rows go to OUT/rank/ (default: a temp folder)")
     ap.add_argument("--no-csv", action="store_true")
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     if not 0 <= args.rank < args.world:
         ap.error(f"--rank {args.rank} must lie in [0, --world {args.world})")
