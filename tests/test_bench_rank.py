@@ -53,11 +53,12 @@ def _call(loss_fn, f, tau, tau_d, b):
                    s_txt_crossmodal_features=f["s_txt_crossmodal_features"], output_dict=True, batch_size=b)
 
 
-@pytest.mark.parametrize("impl", ["reference", "blockwise"])
-def test_simulated_world_against_one_process(impl):
+@pytest.mark.parametrize("impl,backend", [("reference", "gloo"), ("blockwise", "gloo"), ("blockwise", "nccl")])
+def test_simulated_world_against_one_process(impl, backend):
     """The simulated collectives: in lockstep every rank's loss and feature/scale gradients equal the
     single-process loss on the global batch; in stand-in mode the gathers alone are exact (so the
-    official loss is) and the rank's collectives are counted with ring bytes."""
+    official loss is) and the rank's collectives are counted with ring bytes. ``nccl``: the loss's
+    GPU code path (all_gather_into_tensor, reduce_scatter_tensor), run here on CPU tensors."""
     w, b, d = 3, 2, 8
     peers = _features(w, b, d)
     glob = {k: v.view(w, ROWS[k], b, d).transpose(0, 1).reshape(ROWS[k] * w * b, d).clone().requires_grad_(k[0] == "s")
@@ -72,7 +73,7 @@ def test_simulated_world_against_one_process(impl):
         for lockstep in (True, False):
             own = {k: v[rank].clone().requires_grad_(k[0] == "s") for k, v in peers.items()}
             t1, t2 = (t.detach().clone().requires_grad_() for t in (tau, tau_d))
-            sim = SimWorld(w, rank, peers)
+            sim = SimWorld(w, rank, peers, backend=backend)
             with sim.active(lockstep=lockstep):
                 o = _call(SimLoss(CosmosLoss(impl)), own, t1, t2, b)
                 (o["clip_loss"] + o["distill_loss"]).backward()
@@ -91,6 +92,8 @@ def test_simulated_world_against_one_process(impl):
                 assert calls == {"all_gather": (160, comm_model.official_loss_allgather(b, w, d, feature_bytes=8))}
             else:                                               # one gather per distinct tensor
                 assert calls["all_gather"] == (3, (w - 1) * (8 + 2 + 2) * b * d * 8)
+                # the text-feature gradients back to their owners: a reduce-scatter (nccl) or an all-reduce
+                assert ("reduce_scatter" in calls) == (backend == "nccl")
     with pytest.raises(RuntimeError, match="no row block"):
         with SimWorld(w, 0, peers).active():
             _call(CosmosLoss("reference"), {k: v[0].clone() for k, v in peers.items()}, tau, tau_d, b)
