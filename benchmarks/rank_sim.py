@@ -48,7 +48,7 @@ LOSS_MODULES = (fast_loss_module, reference_loss_module)
 FEATURE_ARGS = ("s_image_features", "s_text_features", "t_image_features", "t_text_features",
                 "s_img_crossmodal_features", "s_txt_crossmodal_features")
 STUDENT_ARGS = ("s_image_features", "s_text_features", "s_img_crossmodal_features", "s_txt_crossmodal_features")
-BARRIER_TIMEOUT_S = 300.0
+BARRIER_TIMEOUT_S = 120.0
 _ACTIVE: list = []               # the world inside active(), if any
 
 
