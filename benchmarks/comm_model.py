@@ -1,7 +1,9 @@
 """Per-rank communication volume of one COSMOS training step under DeepSpeed ZeRO (ring formulas).
 
 :func:`comm_volume` is the model that benchmarks/scaling.py projects to A100 clusters and that
-benchmarks/profile_train.py compares with the volume it measures from a torch.profiler run.
+benchmarks/profile_train.py compares with the volume it measures from a torch.profiler run;
+:func:`official_loss_allgather` is what the official loss gathers per rank (benchmarks/bench_rank.py
+counts it from the collectives each path issues).
 """
 from __future__ import annotations
 
@@ -57,3 +59,12 @@ def comm_volume(n_params: int, stage: int, world: int, *, batch: int, dim: int =
         if teacher_partitioned:
             out["zero3_teacher_gather"] = a * n_params * teacher_bytes
     return out
+
+
+def official_loss_allgather(batch: int, world: int, dim: int = 512, *, feature_bytes: int = 4,
+                            pairs: int = PAIRS) -> float:
+    """Per-rank bytes the official loss gathers per step (cosmos_method.md §3.4): both operands of
+    each pair all-gathered, (W − 1)·B·D·feature_bytes received per gather, 2·pairs gathers. Under the
+    official fp16 autocast the normalised features are fp32 (the norm is autocast to fp32), hence
+    the default of 4 bytes: ≈ 1.33 GB at B = 32, W = 128, D = 512 (0.67 GB if they were 16-bit)."""
+    return 2 * pairs * (world - 1) * batch * dim * feature_bytes

@@ -35,10 +35,11 @@ SHOWN_AS = {
     "train": {"peak_bytes": ("peak_mib", 2 ** -20)},
     "data": {"startup_ms": ("startup_s", 1e-3)},
     "scaling": {"wire_bytes": ("wire_mb", 1e-6)},
+    "rank": {"peak_bytes": ("peak_mib", 2 ** -20), "comm_total_bytes": ("comm_total_mb", 1e-6)},
 }
 PHASES = ("data_wait", "student_forward", "teacher_forward", "loss", "backward", "ema", "optimizer")
 
-# bench -> (columns shown, ratio columns, row filter, plot kind)
+# bench -> (columns shown, ratio columns, row filter, plot kind; "table": no plot)
 SPECS = {
     "contrastive": (["B", "mode", "provider", "median_s", "p20_s", "p80_s", "peak_mem_bytes", "max_rel_err_vs_truth"],
                     ["speedup_vs_reference", "memory_reduction_vs_reference"], None, "ratio"),
@@ -57,6 +58,11 @@ SPECS = {
                       "time_ms"], [], lambda r: r.get("rank") == "0", "comm"),
     "scaling": (["kind", "gpus", "zero_stage", "B", "t_step_ms", "samples_per_s", "wire_mb"], ["efficiency"],
                 lambda r: r.get("kind") == "measured", "scaling"),
+    "rank": (["model", "B", "world", "path", "precision", "pool_impl", "loss_impl", "compile", "median_ms",
+              "samples_per_s"] + [f"t_{p}_ms" for p in ("towers_fwd", "pooling", "teacher_fwd", "loss", "backward",
+                                                         "ema", "optimizer")]
+             + ["first_step_ms", "peak_mib", "mfu_official", "util_executed", "comm_total_mb",
+                "loss_rel_err_vs_official_fp32"], ["speedup_vs_official", "speedup_vs_generic"], None, "table"),
 }
 RATIO_HINTS = ("speedup_vs", "mem_ratio_vs", "memory_reduction_vs", "ratio_vs", "efficiency")
 METRIC_HINTS = ("per_s", "_ms", "_s", "ratio", "speedup", "err", "mib", "tflops", "bytes")
