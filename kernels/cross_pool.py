@@ -35,7 +35,8 @@ are whole: no second pass). dQ' sums over the tiles of a program in its own fp32
 deterministic); the launcher sums the slots. ``splits`` > 1 spreads small batches over the
 device's multiprocessors.
 
-Limits: D ≤ 1024 (a context row is held whole), any M ≥ 1 and L ≥ 1. Context x in fp32, bf16 or
+Limits: D ≤ 512 (a context row is held whole in registers and shared memory; COSMOS' poolers are
+512 wide), any M ≥ 1 and L ≥ 1. Context x in fp32, bf16 or
 fp16, queries q' in any of them (the pooler passes fp32), fp32 accumulation and fp32 LayerNorm
 statistics; O and dq' in q's dtype, dx in x's dtype. ``tl.dot`` needs every dimension ≥ 16 on
 NVIDIA GPUs: query and row blocks are 16 or more and D is padded to a power of two with masked
@@ -60,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_WIDTH = 1024
+MAX_WIDTH = 512          # a context row is held whole; see the block sizes below
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -251,12 +252,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Blocks and warps: powers of two, every block ≥ 16 (tl.dot's minimum). Chosen by compiling for
+# sm_90 without a GPU (triton.compile + ptxas -v): at D = 512 the forward needs 66 KB of shared
+# memory and no spills with a bf16 context (132 KB with fp32), the backward 100 KB with small
+# spills for bf16; 32-row tiles or 64-query blocks at D = 512 spill or need more shared memory,
+# and D = 1024 does not fit a Hopper SM with an fp32 context. Untimed: a GPU run should sweep them.
 def _fwd_config(m: int, d: int) -> dict:
-    """Blocks and warps of the forward: powers of two, every block ≥ 16 (tl.dot's minimum)."""
     block_d = max(16, triton.next_power_of_2(d))
     block_m = 16 if block_d >= 512 else min(64, max(16, triton.next_power_of_2(m)))
-    block_l = 32 if block_d <= 512 else 16
-    return {"BLOCK_M": block_m, "BLOCK_L": block_l, "BLOCK_D": block_d,
+    return {"BLOCK_M": block_m, "BLOCK_L": 16 if block_d >= 512 else 32, "BLOCK_D": block_d,
             "num_warps": 8 if block_d >= 256 else 4}
 
 
@@ -387,7 +391,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def ln_attention_pool(context: torch.Tensor, queries: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """softmax_l(queries·x̂_lᵀ)·x̂ per sample, differentiable in context and queries.
 
-    context: (B, L, D) raw rows x_l, D ≤ 1024; x̂_l = (x_l − mean)/√(var + eps) over D (a LayerNorm
+    context: (B, L, D) raw rows x_l, D ≤ 512; x̂_l = (x_l − mean)/√(var + eps) over D (a LayerNorm
     without affine); queries: (B, M, D), already scaled (no 1/√d is applied here). Returns (B, M, D)
     in the queries' dtype. The pooler's caller folds LN_k's gain into the queries and adds its bias
     afterwards (``cosmos_fast.ops.cross_pool.ln_pool``).

@@ -413,8 +413,8 @@ def test_launchers_validate_inputs():
         kc.ln_attention_pool_fwd(x, torch.randn(1, 3, 8))
     with pytest.raises(ValueError, match="must be among"):
         kc.ln_attention_pool_fwd(x.double(), q)
-    with pytest.raises(ValueError, match=r"width D must be in \[1, 1024\]"):
-        kc.ln_attention_pool_fwd(torch.randn(1, 2, 1025), torch.randn(1, 1, 1025))
+    with pytest.raises(ValueError, match=r"width D must be in \[1, 512\]"):
+        kc.ln_attention_pool_fwd(torch.randn(1, 2, 513), torch.randn(1, 1, 513))
     with pytest.raises(ValueError, match="at least one row"):
         kc.ln_attention_pool_fwd(torch.randn(2, 0, 8), q)
     with pytest.raises(ValueError, match="at least one query"):
