@@ -30,6 +30,7 @@ and their ratio ``context_bw_frac_of_copy``. Rows go to bench_results/cross_pool
     .venv/bin/python benchmarks/bench_cross_pool.py                  # B = 32, 64, 128
     .venv/bin/python benchmarks/bench_cross_pool.py --quick          # one small size, smoke test
     .venv/bin/python benchmarks/bench_cross_pool.py --threads 1      # CPU shared with other work
+    .venv/bin/python benchmarks/bench_cross_pool.py --compile-check 90   # no GPU: kernels' smem/regs/spills
 
 On a CPU that other processes are also using, multi-threaded torch timings swing by up to ~10×
 (threads wait on a busy core); --threads 1 gives stable ratios there.
@@ -91,6 +92,56 @@ def device_copy_bandwidth(device: torch.device, mib: int = 1024, reps: int = 10)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=reps)
     return 2 * n * 4 / t["median_s"] / 1e9
+
+
+def compile_check(cc: int, width: int, queries: int) -> list[dict]:
+    """Compile the fused kernels for sm_<cc> without a GPU (``triton.compile`` to PTX, then the
+    ptxas bundled with triton, ``-v``) with the launchers' block sizes for this width and each
+    context dtype: shared memory, registers and spill bytes per kernel. Catches a kernel that would
+    not fit the device before a GPU run. Needs TRITON_INTERPRET unset."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cosmos_fast.kernels import cross_pool as kc                  # lazy: triton is optional
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    kernels = {"fwd": (kc._ln_attention_pool_fwd_kernel, kc._fwd_config(queries, width)),
+               "bwd": (kc._ln_attention_pool_bwd_kernel, kc._bwd_config(width))}
+
+    def arg_type(arg: str, dtype: str) -> str:
+        if arg.startswith("BLOCK") or arg == "DOT_PRECISION":
+            return "constexpr"
+        if arg.startswith("stride_") or arg in ("M", "L", "D", "SPLITS"):
+            return "i32"
+        if arg == "eps":
+            return "fp32"
+        return f"*{dtype}" if arg in ("X", "DX") else "*fp32"      # the context and its gradient
+
+    out = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for name, (fn, cfg) in kernels.items():
+            sig = {a: arg_type(a, dtype) for a in fn.arg_names}
+            consts = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", cc, 32),
+                               options={"num_warps": cfg["num_warps"]})
+            with tempfile.TemporaryDirectory() as tmp:
+                ptx = Path(tmp) / "k.ptx"
+                ptx.write_text(k.asm["ptx"])
+                arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+                log = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(ptx) + ".o"],
+                                     capture_output=True, text=True, check=True).stderr
+            regs = re.search(r"Used (\d+) registers", log)
+            spills = re.search(r"(\d+) bytes spill stores", log)
+            out.append({"kernel": name, "dtype": dtype, **cfg, "shared_bytes": k.metadata.shared,
+                        "registers": int(regs.group(1)) if regs else -1,
+                        "spill_store_bytes": int(spills.group(1)) if spills else -1})
+    return out
 
 
 def useful_flops(b: int, n: int, length: int, d: int, mode: str) -> float:
@@ -238,11 +289,18 @@ def main(argv=None):
                          "(0: always time it)")
     ap.add_argument("--quick", action="store_true", help="B=8, 3 reps: a smoke test of the whole script")
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--compile-check", type=int, metavar="SM", default=0,
+                    help="only compile the fused kernels for sm_SM (e.g. 90, 80) without a GPU and print their "
+                         "shared memory, registers and spills (TRITON_INTERPRET must be unset)")
     add_record_arg(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.reps, args.warmup = "8", 3, 1
 
+    if args.compile_check:
+        for r in compile_check(args.compile_check, args.width, args.queries * args.heads):
+            print(" ".join(f"{k}={v}" for k, v in r.items()))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
