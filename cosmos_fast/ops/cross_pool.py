@@ -43,7 +43,11 @@ def resolve_cross_pool_impl(impl: str = "auto", device: torch.device | None = No
                             shape: tuple[int, int, int] | None = None) -> str:
     """Validate ``impl``; ``"auto"`` becomes shared on CUDA (measured fastest there, see
     bench_results/cross_pool), otherwise absorbed when ``shape`` = (n queries, heads, width) has
-    n·heads < width (fewer FLOPs than K/V), else shared."""
+    n·heads < width (fewer FLOPs than K/V), else shared.
+
+    The CUDA rule was measured against the earlier core-only Triton kernel; the fused kernel of
+    today (LN_k + absorbed pooling) has not run on a GPU yet, so ``auto`` does not pick it until a
+    GPU run of benchmarks/bench_cross_pool.py shows it fastest."""
     if impl == "auto":
         override = impl_override(CROSS_POOL_IMPLS)
         if override is not None:
