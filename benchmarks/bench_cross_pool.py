@@ -111,12 +111,13 @@ def compile_check(cc: int, width: int, queries: int) -> list[dict]:
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     kernels = {"fwd": (kc._ln_attention_pool_fwd_kernel, kc._fwd_config(queries, width)),
-               "bwd": (kc._ln_attention_pool_bwd_kernel, kc._bwd_config(width))}
+               "bwd_dx": (kc._ln_attention_pool_bwd_dx_kernel, kc._bwd_config(width)),
+               "bwd_dq": (kc._ln_attention_pool_bwd_dq_kernel, kc._fwd_config(queries, width))}
 
     def arg_type(arg: str, dtype: str) -> str:
         if arg.startswith("BLOCK") or arg == "DOT_PRECISION":
             return "constexpr"
-        if arg.startswith("stride_") or arg in ("M", "L", "D", "SPLITS"):
+        if arg.startswith("stride_") or arg in ("M", "L", "D"):
             return "i32"
         if arg == "eps":
             return "fp32"

@@ -21,31 +21,29 @@ and runs an online softmax with exp2 (log₂e folded into the scores). It writes
 μ and r (stored by the first query block). Saved for backward: x, q', O, lse (B×M fp32) and μ, r
 (B×L fp32) — no M×L matrix.
 
-Backward: with δ_m = Σ_D dO_m·O_m (computed by the launcher), per context tile and query block
-the kernel recomputes P = 2^(S·log₂e − lse) and
+Backward: with δ_m = Σ_D dO_m·O_m (computed by the launcher), the kernels recompute
+P = 2^(S·log₂e − lse) tile by tile and
 
     dP  = dO·X̂ᵀ          dS = P ∘ (dP − δ)
     dQ' = dS·X̂           dX̂ = Pᵀ·dO + dSᵀ·Q'
     dx  = r·(dX̂ − mean_D(dX̂) − x̂·mean_D(dX̂ ∘ x̂))      (LayerNorm backward without affine)
 
-One program per (sample, split) walks the context tiles ``split, split + splits, …`` and, per
-tile, every query block, so each tile's dX̂ is complete when its LayerNorm backward runs (the rows
-are whole: no second pass). dQ' sums over the tiles of a program in its own fp32 slot of a
-(B, splits, M, D) workspace (read-modify-write by the owning program only: no atomics,
-deterministic); the launcher sums the slots. ``splits`` > 1 spreads small batches over the
-device's multiprocessors.
+in two kernels that each own what they write, so neither needs atomics, a workspace or a second
+pass: one program per (context tile, sample) sums dX̂ over every query block and runs the
+LayerNorm backward on its whole rows; one program per (query block, sample) sums dQ' over every
+context tile. S and dP are computed in both (7 instead of 5 tile products), which buys a grid of
+⌈L/BLOCK_L⌉·B + ⌈M/BLOCK_M⌉·B programs instead of B.
 
 Limits: D ≤ 512 (a context row is held whole in registers and shared memory; COSMOS' poolers are
-512 wide), any M ≥ 1 and L ≥ 1. Context x in fp32, bf16 or
-fp16, queries q' in any of them (the pooler passes fp32), fp32 accumulation and fp32 LayerNorm
+512 wide), any M ≥ 1 and L ≥ 1. Context x in fp32, bf16 or fp16, queries q' in any of them (the pooler passes fp32), fp32 accumulation and fp32 LayerNorm
 statistics; O and dq' in q's dtype, dx in x's dtype. ``tl.dot`` needs every dimension ≥ 16 on
 NVIDIA GPUs: query and row blocks are 16 or more and D is padded to a power of two with masked
 loads. fp32 contexts use IEEE fp32 dot products; bf16/fp16 contexts use TF32 (x̂ and q' are then
 rounded to TF32's 10-bit mantissa inside the dots, finer than the inputs' own rounding).
 
 Devices: CUDA tensors, or TRITON_INTERPRET=1 set before this module is imported (the Triton
-interpreter on CPU; slow, for tests). Tested under the interpreter in fp32 only; NOT yet verified
-on a GPU (block sizes, warps and splits are untuned guesses until a GPU run measures them).
+interpreter on CPU; slow, for tests). Tested under the interpreter (fp32, and bf16/fp16 contexts
+for the kernel alone); NOT yet verified on a GPU (block sizes and warps are untuned guesses until a GPU run measures them).
 
 The op is registered as ``torch.ops.cosmos_fast.ln_attention_pool_fwd`` / ``..._bwd`` custom ops
 with fake (meta) implementations and autograd, so models calling :func:`ln_attention_pool` trace
@@ -130,71 +128,114 @@ def _ln_attention_pool_fwd_kernel(
 
 
 @triton.jit
-def _ln_attention_pool_bwd_kernel(
+def _ln_attention_pool_bwd_dx_kernel(
     # pointers
-    X, Q, DO, LSE, DELTA, MEAN, RSTD, DX, DQ_WS,
-    # strides: (batch, row, feature) of x, q, do and dx; lse, delta (B, M), mean, rstd (B, L) and
-    # the dq workspace (B, SPLITS, M, D) are contiguous
+    X, Q, DO, LSE, DELTA, MEAN, RSTD, DX,
+    # strides: (batch, row, feature) of x, q, do and dx; lse, delta (B, M), mean and rstd (B, L)
+    # are contiguous
     stride_xb, stride_xl, stride_xd,
     stride_qb, stride_qm, stride_qd,
     stride_dob, stride_dom, stride_dod,
     stride_dxb, stride_dxl, stride_dxd,
     # sizes
-    M, L, D, SPLITS,
+    M, L, D,
     # compile-time blocks; dot precision
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    """dx for one tile of BLOCK_L context rows of one sample: dX̂ summed over every query block,
+    then the LayerNorm backward of the whole rows."""
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     log2e: tl.constexpr = 1.4426950408889634
 
-    offs_l = tl.arange(0, BLOCK_L)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_l = rows < L
     mask_d = offs_d < D
-    x_base = X + b * stride_xb
-    dq_base = DQ_WS + (b * SPLITS + split) * M * D      # this program's slot, zeroed by the launcher
+    mask_ld = mask_l[:, None] & mask_d[None, :]
 
-    for start in range(split * BLOCK_L, L, SPLITS * BLOCK_L):
+    x = tl.load(X + b * stride_xb + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                mask=mask_ld, other=0.0).to(tl.float32)                                 # BLOCK_L × BLOCK_D
+    mean = tl.load(MEAN + b * L + rows, mask=mask_l, other=0.0)
+    rstd = tl.load(RSTD + b * L + rows, mask=mask_l, other=0.0)
+    xhat = tl.where(mask_ld, (x - mean[:, None]) * rstd[:, None], 0.0)
+    dxhat = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    for m_start in range(0, M, BLOCK_M):
+        offs_m = m_start + offs_m0
+        mask_m = offs_m < M
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=mask_md, other=0.0).to(tl.float32)                             # BLOCK_M × BLOCK_D
+        do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=mask_md, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + b * M + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + b * M + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(xhat), input_precision=DOT_PRECISION) * log2e           # BLOCK_M × BLOCK_L
+        p = tl.where(mask_m[:, None] & mask_l[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(xhat), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dxhat += tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
+        dxhat += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    # LayerNorm backward (no affine: γ and β act on (B, M, D) tensors outside the kernel)
+    c1 = tl.sum(dxhat * xhat, 1) / D
+    c2 = tl.sum(dxhat, 1) / D
+    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    tl.store(DX + b * stride_dxb + rows[:, None] * stride_dxl + offs_d[None, :] * stride_dxd,
+             dx.to(DX.dtype.element_ty), mask=mask_ld)
+
+
+@triton.jit
+def _ln_attention_pool_bwd_dq_kernel(
+    # pointers
+    X, Q, DO, LSE, DELTA, MEAN, RSTD, DQ,
+    # strides: (batch, row, feature) of x, q, do and dq; lse, delta, mean and rstd contiguous
+    stride_xb, stride_xl, stride_xd,
+    stride_qb, stride_qm, stride_qd,
+    stride_dob, stride_dom, stride_dod,
+    stride_dqb, stride_dqm, stride_dqd,
+    # sizes
+    M, L, D,
+    # compile-time blocks; dot precision
+    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq' for one block of BLOCK_M queries of one sample, summed over every context tile."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    log2e: tl.constexpr = 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_md, other=0.0).to(tl.float32)                                 # BLOCK_M × BLOCK_D
+    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask_md, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + b * M + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + b * M + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, L, BLOCK_L):
         rows = start + offs_l
         mask_l = rows < L
         mask_ld = mask_l[:, None] & mask_d[None, :]
-        x = tl.load(x_base + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+        x = tl.load(X + b * stride_xb + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
                     mask=mask_ld, other=0.0).to(tl.float32)                             # BLOCK_L × BLOCK_D
         mean = tl.load(MEAN + b * L + rows, mask=mask_l, other=0.0)
         rstd = tl.load(RSTD + b * L + rows, mask=mask_l, other=0.0)
         xhat = tl.where(mask_ld, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dxhat = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
-        for m_start in range(0, M, BLOCK_M):
-            offs_m = m_start + offs_m0
-            mask_m = offs_m < M
-            mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=mask_md, other=0.0).to(tl.float32)                         # BLOCK_M × BLOCK_D
-            do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                         mask=mask_md, other=0.0).to(tl.float32)
-            lse = tl.load(LSE + b * M + offs_m, mask=mask_m, other=0.0)
-            delta = tl.load(DELTA + b * M + offs_m, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(xhat), input_precision=DOT_PRECISION) * log2e       # BLOCK_M × BLOCK_L
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(mask_m[:, None] & mask_l[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(xhat), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dxhat += tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
-            dxhat += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-            # dq' of this query block, summed over this program's tiles in its workspace slot
-            dq_ptrs = dq_base + offs_m[:, None] * D + offs_d[None, :]
-            dq = tl.load(dq_ptrs, mask=mask_md, other=0.0)
-            dq += tl.dot(ds, xhat, input_precision=DOT_PRECISION)
-            tl.store(dq_ptrs, dq, mask=mask_md)
-            tl.debug_barrier()      # the slot's next read may come from other threads of the program
-        # LayerNorm backward (no affine: γ and β act on (B, M, D) tensors outside the kernel)
-        c1 = tl.sum(dxhat * xhat, 1) / D
-        c2 = tl.sum(dxhat, 1) / D
-        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + b * stride_dxb + rows[:, None] * stride_dxl + offs_d[None, :] * stride_dxd,
-                 dx.to(DX.dtype.element_ty), mask=mask_ld)
+        s = tl.dot(q, tl.trans(xhat), input_precision=DOT_PRECISION) * log2e           # BLOCK_M × BLOCK_L
+        p = tl.where(mask_m[:, None] & mask_l[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(xhat), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, xhat, input_precision=DOT_PRECISION)
+    tl.store(DQ + b * stride_dqb + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,8 +295,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # Blocks and warps: powers of two, every block ≥ 16 (tl.dot's minimum). Chosen by compiling for
 # sm_90 without a GPU (triton.compile + ptxas -v): at D = 512 the forward needs 66 KB of shared
-# memory and no spills with a bf16 context (132 KB with fp32), the backward 100 KB with small
-# spills for bf16; 32-row tiles or 64-query blocks at D = 512 spill or need more shared memory,
+# memory and no spills with a bf16 context (132 KB with fp32); 32-row tiles or 64-query blocks
+# at D = 512 spill or need more shared memory (benchmarks/bench_cross_pool.py --compile-check),
 # and D = 1024 does not fit a Hopper SM with an fp32 context. Untimed: a GPU run should sweep them.
 def _fwd_config(m: int, d: int) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
@@ -268,14 +309,6 @@ def _bwd_config(d: int) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     return {"BLOCK_M": 16, "BLOCK_L": 16 if block_d >= 512 else 32, "BLOCK_D": block_d,
             "num_warps": 8 if block_d >= 256 else 4}
-
-
-def default_splits(b: int, length: int, device: torch.device) -> int:
-    """Programs per sample in backward: enough for about two per multiprocessor, at most one per
-    context tile. The interpreter pretends to have 4 multiprocessors (so small tests split too)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    tiles = triton.cdiv(length, _bwd_config(1)["BLOCK_L"])
-    return max(1, min(tiles, triton.cdiv(2 * sms, max(b, 1))))
 
 
 def ln_attention_pool_fwd(x: torch.Tensor, q: torch.Tensor, eps: float = 1e-5
@@ -306,13 +339,9 @@ def ln_attention_pool_fwd(x: torch.Tensor, q: torch.Tensor, eps: float = 1e-5
 
 
 def ln_attention_pool_bwd(do: torch.Tensor, x: torch.Tensor, q: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                          splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel. Returns dx (x's shape and dtype) and dq (q's shape and dtype).
-
-    ``splits``: programs per sample (default :func:`default_splits`); the result does not depend
-    on it beyond floating-point order.
-    """
+                          lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the two backward kernels. Returns dx (x's shape and dtype) and dq (q's shape and dtype)."""
     b, length, m, d = _check_inputs(x, q)
     if tuple(do.shape) != tuple(q.shape) or tuple(o.shape) != tuple(q.shape):
         raise ValueError(f"ln_attention_pool_bwd: do and o must have the queries' shape {tuple(q.shape)}, "
@@ -322,23 +351,28 @@ def ln_attention_pool_bwd(do: torch.Tensor, x: torch.Tensor, q: torch.Tensor, o:
             raise ValueError(f"ln_attention_pool_bwd: {name} must be fp32 of shape {shape}, "
                              f"got {t.dtype} {tuple(t.shape)}")
     _check_device(x, q, do, o, lse, mean, rstd)
-    splits = default_splits(b, length, x.device) if splits is None else int(splits)
-    if splits < 1:
-        raise ValueError(f"ln_attention_pool_bwd: splits must be ≥ 1, got {splits}")
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if b == 0:
-        return dx, torch.zeros_like(q)
+        return dx, dq
     delta = (do.float() * o.float()).sum(-1)                          # δ_m = Σ_D dO_m · O_m, (B, M)
-    ws = torch.zeros((b, splits, m, d), dtype=torch.float32, device=q.device)
+    lse, mean, rstd = lse.contiguous(), mean.contiguous(), rstd.contiguous()
+    strides = (*x.stride(), *q.stride(), *do.stride())
     cfg = _bwd_config(d)
-    _ln_attention_pool_bwd_kernel[(b, splits)](
-        x, q, do, lse.contiguous(), delta, mean.contiguous(), rstd.contiguous(), dx, ws,
-        *x.stride(), *q.stride(), *do.stride(), *dx.stride(),
-        m, length, d, splits,
+    _ln_attention_pool_bwd_dx_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), b)](
+        x, q, do, lse, delta, mean, rstd, dx,
+        *strides, *dx.stride(),
+        m, length, d,
         DOT_PRECISION=_dot_precision(x.dtype), **cfg,
     )
-    dq = ws[:, 0] if splits == 1 else ws.sum(1)
-    return dx, dq.to(q.dtype)
+    cfg = _fwd_config(m, d)          # the dq kernel walks the context like the forward
+    _ln_attention_pool_bwd_dq_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), b)](
+        x, q, do, lse, delta, mean, rstd, dq,
+        *strides, *dq.stride(),
+        m, length, d,
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+    )
+    return dx, dq
 
 
 # ----------------------------------------------------------------------------------------------

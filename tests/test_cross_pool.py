@@ -258,20 +258,18 @@ def _ln_pool_reference(x, q, do, eps=1e-5):
     return o.detach(), torch.logsumexp(s, -1).detach(), x64.grad, q64.grad
 
 
-KERNEL_CASES = [  # (B, L, M, D, splits)
-    pytest.param(3, 49, 32, 32, 1, id="L49-M32-one-split"),
-    pytest.param(3, 49, 32, 32, 3, id="L49-M32-three-splits-oddB"),
-    pytest.param(2, 77, 8, 64, 2, id="L77-M8"),
-    pytest.param(1, 196, 40, 48, 4, id="L196-M40-D48"),
-    pytest.param(2, 5, 3, 20, None, id="tiny-default-splits"),
+KERNEL_CASES = [  # (B, L, M, D)
+    pytest.param(3, 49, 32, 32, id="L49-M32-oddB"),
+    pytest.param(2, 77, 8, 64, id="L77-M8"),
+    pytest.param(1, 196, 40, 48, id="L196-M40-D48"),
+    pytest.param(2, 5, 3, 20, id="tiny"),
 ]
 
 
 @needs_kernels
-@pytest.mark.parametrize("b,length,m,d,splits", KERNEL_CASES)
-def test_kernel_matches_layernorm_softmax_pooling(b, length, m, d, splits):
-    """o, lse, the rows' LayerNorm statistics, dx and dq against fp64, on strided inputs; the
-    backward's result does not depend on how the context is split over programs."""
+@pytest.mark.parametrize("b,length,m,d", KERNEL_CASES)
+def test_kernel_matches_layernorm_softmax_pooling(b, length, m, d):
+    """o, lse, the rows' LayerNorm statistics, dx and dq against fp64, on strided context rows."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(b, d, length, generator=g) * 2 + 0.5).to(DEVICE).transpose(1, 2)   # strided rows
     q = (torch.randn(b, m, d, generator=g) * 0.5).to(DEVICE)
@@ -279,7 +277,7 @@ def test_kernel_matches_layernorm_softmax_pooling(b, length, m, d, splits):
     ref, ref_lse, ref_dx, ref_dq = _ln_pool_reference(x, q, do)
 
     o, lse, mean, rstd = kc.ln_attention_pool_fwd(x, q)
-    dx, dq = kc.ln_attention_pool_bwd(do, x, q, o, lse, mean, rstd, splits=splits)
+    dx, dq = kc.ln_attention_pool_bwd(do, x, q, o, lse, mean, rstd)
     assert o.shape == dq.shape == q.shape and dx.shape == x.shape and o.dtype == dx.dtype == torch.float32
     assert_close(lse.double() / math.log2(math.e), ref_lse, rtol=2e-6, atol=2e-6, msg="lse (base 2)")
     assert_close(mean.double(), x.double().mean(-1), rtol=1e-6, atol=1e-6, msg="mean")
@@ -426,8 +424,6 @@ def test_launchers_validate_inputs():
         kc.ln_attention_pool_bwd(q, x, q, q, lse, stats, stats[:, :4])
     with pytest.raises(ValueError, match="do and o must have the queries' shape"):
         kc.ln_attention_pool_bwd(q[:, :2], x, q, q, lse, stats, stats)
-    with pytest.raises(ValueError, match="splits must be"):
-        kc.ln_attention_pool_bwd(q, x, q, q, lse, stats, stats, splits=0)
     with pytest.raises(ValueError, match="takes the raw context and the pooler's ln_k"):
         CrossAttentionPooler(16, 16, n_head=2).attn(torch.randn(1, 2, 16), torch.randn(1, 4, 16), impl="fused")
 # ---------------------------------------------------------------------------------------------
