@@ -187,7 +187,9 @@ def fused_attention(x: torch.Tensor, context: torch.Tensor, in_proj_weight: torc
     forward with its own γ and β (DeepSpeed ZeRO-3 gathers a module's parameters only while that
     module's forward runs). PyTorch keeps the small products: the absorbed queries
     (:func:`absorb_queries`), W_v applied per head to the (N, n·H, W) pooled context, and (in the
-    caller) out_proj, the residual and the normalisation. Differentiable in x, the context and
+    caller) out_proj, the residual and the normalisation — those act on (N, n, W) rows after
+    out_proj's GEMM, a small fraction of the context's bytes, and torch.compile fuses the
+    elementwise part, so no hand-written epilogue kernel. Differentiable in x, the context and
     every weight (b_k gets a zero gradient, as in :func:`absorbed_attention`). Needs CUDA tensors,
     or TRITON_INTERPRET=1 set before the kernel module is first imported (the Triton interpreter
     on CPU; slow, for tests). Returns (N, n, W), before the out-projection.
