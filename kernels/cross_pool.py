@@ -1,57 +1,65 @@
-"""Fused attention core of COSMOS' cross-attention pooler: n queries per sample over one shared context.
+"""Fused LayerNorm + attention pooling of COSMOS' cross-attention pooler, absorbed formulation.
 
-For every sample b and head h, with queries Q (n×d), keys K and values V (L×d) and s = 1/√d:
+The pooler attends n queries per sample over one shared context with H heads. With W_k folded
+into the queries (q̃_h = W_k,hᵀ q_h / √d; b_k cancels in the softmax) and LN_k's gain γ folded
+into them too (q' = q̃ ∘ γ; the β term q̃·β is the same for every context row and cancels), the
+attention of all M = n·H (query, head) pairs reduces to one pooling of the *normalised* context
+per sample b, with x_l the raw context rows (L×D) and x̂_l = (x_l − μ_l)·r_l, r_l = 1/√(σ²_l + ε):
 
-    S   = s · Q·Kᵀ                                     (n×L)
-    lse = log Σ_j exp(S_ij)                            (n,   per-row log-sum-exp)
-    O   = exp(S − lse)·V                               (n×d)
+    S   = Q'·X̂ᵀ                                    (M×L)
+    lse = log₂ Σ_l 2^(S_ml·log₂e)                   (M,  per-query log-sum-exp, base 2)
+    O   = softmax_l(S)·X̂                            (M×D)
 
-Forward runs one program per (query block, b, h): it streams K/V in tiles of BLOCK_N keys with an
-online softmax and writes O and lse. Nothing of size n×L is stored; backward recomputes
-P = exp(S − lse) tile by tile:
+The caller applies the rest on (B, M, D) tensors (``cosmos_fast.ops.cross_pool.fused_attention``):
+Σ_l p_l·LN_k(x_l) = γ∘O + β, then W_v per head, out_proj, residual and normalisation — small
+GEMMs whose inputs are M rows per sample, not L. The kernel reads the raw context once per block
+of 16 queries and never forms LN_k(x), K, V or an M×L matrix in memory.
 
-    δ_i = Σ_d dO_id · O_id
-    dV  = Pᵀ·dO          dP = dO·Vᵀ          dS = P ∘ (dP − δ)
-    dK  = s · dSᵀ·Q      dQ = s · dS·K
+Forward: one program per (query block, sample); it streams the context in tiles of BLOCK_L rows,
+computes each row's mean and variance over D in registers (the row is loaded whole, BLOCK_D ≥ D),
+and runs an online softmax with exp2 (log₂e folded into the scores). It writes O, lse and the rows'
+μ and r (stored by the first query block). Saved for backward: x, q', O, lse (B×M fp32) and μ, r
+(B×L fp32) — no M×L matrix.
 
-Backward runs one program per (b, h) that holds all n queries of the sample, so dK and dV (which
-sum over the n queries) are complete per key tile and written once — no atomics, no second pass.
+Backward: with δ_m = Σ_D dO_m·O_m (computed by the launcher), the kernels recompute
+P = 2^(S·log₂e − lse) tile by tile and
 
-Saved for backward: q, k, v, o (o is the out-projection's input, so saving it costs nothing) and
-lse (B×H×n fp32).
+    dP  = dO·X̂ᵀ          dS = P ∘ (dP − δ)
+    dQ' = dS·X̂           dX̂ = Pᵀ·dO + dSᵀ·Q'
+    dx  = r·(dX̂ − mean_D(dX̂) − x̂·mean_D(dX̂ ∘ x̂))      (LayerNorm backward without affine)
 
-Layout: q (B, H, n, d), k and v (B, H, L, d), any strides (the (B, L, H, d) views produced by
-splitting heads of a projection output are read in place). o, dq, dk and dv are returned as
-(B, H, ·, d) views of (B, ·, H, d) buffers, so merging heads afterwards is free.
+in two kernels that each own what they write, so neither needs atomics, a workspace or a second
+pass: one program per (context tile, sample) sums dX̂ over every query block and runs the
+LayerNorm backward on its whole rows; one program per (query block, sample) sums dQ' over every
+context tile. S and dP are computed in both (7 instead of 5 tile products), which buys a grid of
+⌈L/BLOCK_L⌉·B + ⌈M/BLOCK_M⌉·B programs instead of B.
 
-Limits: 1 ≤ n ≤ 128 (COSMOS uses n = 8), head dim ≤ 256, L ≥ 1; fp32, bf16 and fp16 inputs with fp32
-accumulation. ``tl.dot`` needs every dimension ≥ 16 on NVIDIA GPUs: the query block and the head dim
-are padded to powers of two ≥ 16 with masked loads (so n = 1, n = 8 and d = 8 compile). fp32 inputs
-use IEEE fp32 dot products; bf16/fp16 inputs are upcast and use TF32 dot products, which represent
-them exactly (only the probabilities P and dS are truncated to TF32).
+Limits: D ≤ 512 (a context row is held whole in registers and shared memory; COSMOS' poolers are
+512 wide), any M ≥ 1 and L ≥ 1. Context x in fp32, bf16 or fp16, queries q' in any of them (the pooler passes fp32), fp32 accumulation and fp32 LayerNorm
+statistics; O and dq' in q's dtype, dx in x's dtype. ``tl.dot`` needs every dimension ≥ 16 on
+NVIDIA GPUs: query and row blocks are 16 or more and D is padded to a power of two with masked
+loads. fp32 contexts use IEEE fp32 dot products; bf16/fp16 contexts use TF32 (x̂ and q' are then
+rounded to TF32's 10-bit mantissa inside the dots, finer than the inputs' own rounding).
 
-Devices: the kernels need CUDA tensors, or TRITON_INTERPRET=1 set before this module is imported
-(the Triton interpreter on CPU; slow, for tests). Tested: the Triton interpreter on CPU with fp32
-and bf16 inputs, and on an NVIDIA H200 (the GPU-only tests in tests/test_cross_pool.py: bf16,
-D = 512 production shapes, head dim 8); timings in bench_results/cross_pool/.
+Devices: CUDA tensors, or TRITON_INTERPRET=1 set before this module is imported (the Triton
+interpreter on CPU; slow, for tests). Tested under the interpreter (fp32, and bf16/fp16 contexts
+for the kernel alone); NOT yet verified on a GPU (block sizes and warps are untuned guesses until a GPU run measures them).
 
-The op is registered as ``torch.ops.cosmos_fast.cross_pool_attn_fwd`` / ``..._bwd`` custom ops with
-fake (meta) implementations and autograd, so models calling :func:`cross_pool_attn` trace under
-``torch.compile``.
+The op is registered as ``torch.ops.cosmos_fast.ln_attention_pool_fwd`` / ``..._bwd`` custom ops
+with fake (meta) implementations and autograd, so models calling :func:`ln_attention_pool` trace
+under ``torch.compile``.
 
 This module is Triton-only; it does not import the trainer.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_QUERIES = 128
-MAX_HEAD_DIM = 256
+MAX_WIDTH = 512          # a context row is held whole; see the block sizes below
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -59,130 +67,174 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _cross_pool_attn_fwd_kernel(
+def _ln_attention_pool_fwd_kernel(
     # pointers
-    Q, K, V, O, LSE,
-    # strides: (batch, head, row, feature) of q, k, v and o; lse is contiguous (B, H, n)
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    X, Q, O, LSE, MEAN, RSTD,
+    # strides: (batch, row, feature) of x, q and o; lse (B, M), mean and rstd (B, L) are contiguous
+    stride_xb, stride_xl, stride_xd,
+    stride_qb, stride_qm, stride_qd,
+    stride_ob, stride_om, stride_od,
     # sizes
-    H, N_Q, L, HEAD_D,
-    sm_scale,
-    # compile-time blocks: query rows, keys per tile, padded head dim; dot precision
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M, L, D,
+    eps,
+    # compile-time blocks: queries, context rows per tile, padded width; dot precision
+    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)          # 64-bit offsets: B·L·D may exceed 2³¹ elements
-    h = pid_bh % H
+    b = tl.program_id(1).to(tl.int64)        # 64-bit offsets: B·L·D may exceed 2³¹ elements
+    log2e: tl.constexpr = 1.4426950408889634
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N_Q
-    mask_d = offs_d < HEAD_D
+    mask_m = offs_m < M
+    mask_d = offs_d < D
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)    # BLOCK_M × BLOCK_D
+    x_base = X + b * stride_xb
+    write_stats = pid_m == 0                 # one query block stores the rows' LayerNorm statistics
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, L, BLOCK_N):
-        cols = start + offs_n
-        mask_n = cols < L
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # BLOCK_D × BLOCK_N
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * sm_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+    for start in range(0, L, BLOCK_L):
+        rows = start + offs_l
+        mask_l = rows < L
+        x = tl.load(x_base + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                    mask=mask_l[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # BLOCK_L × BLOCK_D
+        # LayerNorm statistics of each row over its D features (biased variance, as F.layer_norm)
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(mask_d[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+        xhat = xc * rstd[:, None]
+        tl.store(MEAN + b * L + rows, mean, mask=mask_l & write_stats)
+        tl.store(RSTD + b * L + rows, rstd, mask=mask_l & write_stats)
+        # online softmax over the context rows, base 2
+        s = tl.dot(q, tl.trans(xhat), input_precision=DOT_PRECISION) * log2e            # BLOCK_M × BLOCK_L
+        s = tl.where(mask_l[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)   # BLOCK_N × BLOCK_D
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p, xhat, input_precision=DOT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh * N_Q + offs_m, m_i + tl.log(l_i), mask=mask_m)
+    tl.store(O + b * stride_ob + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + b * M + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
-def _cross_pool_attn_bwd_kernel(
+def _ln_attention_pool_bwd_dx_kernel(
     # pointers
-    Q, K, V, O, DO, LSE, DQ, DK, DV,
-    # strides: (batch, head, row, feature); dq/dk/dv share the strides of q/k/v's output buffers
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    X, Q, DO, LSE, DELTA, MEAN, RSTD, DX,
+    # strides: (batch, row, feature) of x, q, do and dx; lse, delta (B, M), mean and rstd (B, L)
+    # are contiguous
+    stride_xb, stride_xl, stride_xd,
+    stride_qb, stride_qm, stride_qd,
+    stride_dob, stride_dom, stride_dod,
+    stride_dxb, stride_dxl, stride_dxd,
     # sizes
-    H, N_Q, L, HEAD_D,
-    sm_scale,
-    # compile-time blocks (BLOCK_M ≥ N_Q: one program holds every query of its (b, h))
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M, L, D,
+    # compile-time blocks; dot precision
+    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    """dx for one tile of BLOCK_L context rows of one sample: dX̂ summed over every query block,
+    then the LayerNorm backward of the whole rows."""
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    log2e: tl.constexpr = 1.4426950408889634
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N_Q
-    mask_d = offs_d < HEAD_D
+    mask_l = rows < L
+    mask_d = offs_d < D
+    mask_ld = mask_l[:, None] & mask_d[None, :]
+
+    x = tl.load(X + b * stride_xb + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                mask=mask_ld, other=0.0).to(tl.float32)                                 # BLOCK_L × BLOCK_D
+    mean = tl.load(MEAN + b * L + rows, mask=mask_l, other=0.0)
+    rstd = tl.load(RSTD + b * L + rows, mask=mask_l, other=0.0)
+    xhat = tl.where(mask_ld, (x - mean[:, None]) * rstd[:, None], 0.0)
+    dxhat = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+    for m_start in range(0, M, BLOCK_M):
+        offs_m = m_start + offs_m0
+        mask_m = offs_m < M
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=mask_md, other=0.0).to(tl.float32)                             # BLOCK_M × BLOCK_D
+        do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=mask_md, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + b * M + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + b * M + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(xhat), input_precision=DOT_PRECISION) * log2e           # BLOCK_M × BLOCK_L
+        p = tl.where(mask_m[:, None] & mask_l[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(xhat), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dxhat += tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
+        dxhat += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    # LayerNorm backward (no affine: γ and β act on (B, M, D) tensors outside the kernel)
+    c1 = tl.sum(dxhat * xhat, 1) / D
+    c2 = tl.sum(dxhat, 1) / D
+    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    tl.store(DX + b * stride_dxb + rows[:, None] * stride_dxl + offs_d[None, :] * stride_dxd,
+             dx.to(DX.dtype.element_ty), mask=mask_ld)
+
+
+@triton.jit
+def _ln_attention_pool_bwd_dq_kernel(
+    # pointers
+    X, Q, DO, LSE, DELTA, MEAN, RSTD, DQ,
+    # strides: (batch, row, feature) of x, q, do and dq; lse, delta, mean and rstd contiguous
+    stride_xb, stride_xl, stride_xd,
+    stride_qb, stride_qm, stride_qd,
+    stride_dob, stride_dom, stride_dod,
+    stride_dqb, stride_dqm, stride_dqd,
+    # sizes
+    M, L, D,
+    # compile-time blocks; dot precision
+    BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq' for one block of BLOCK_M queries of one sample, summed over every context tile."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    log2e: tl.constexpr = 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask_md, other=0.0).to(tl.float32)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=mask_md, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=mask_m, other=0.0)
-    delta = tl.sum(do * o, 1)                                     # δ_i = rowsum(dO ∘ O)
-
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    dk_base = DK + b * stride_dkb + h * stride_dkh
-    dv_base = DV + b * stride_dvb + h * stride_dvh
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_md, other=0.0).to(tl.float32)                                 # BLOCK_M × BLOCK_D
+    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask_md, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + b * M + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + b * M + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, L, BLOCK_N):
-        cols = start + offs_n
-        mask_n = cols < L
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=mask_nd, other=0.0).to(tl.float32)       # BLOCK_N × BLOCK_D
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_nd, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale       # BLOCK_M × BLOCK_N
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dv = tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)                # BLOCK_N × BLOCK_D
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                # BLOCK_M × BLOCK_N
+    for start in range(0, L, BLOCK_L):
+        rows = start + offs_l
+        mask_l = rows < L
+        mask_ld = mask_l[:, None] & mask_d[None, :]
+        x = tl.load(X + b * stride_xb + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                    mask=mask_ld, other=0.0).to(tl.float32)                             # BLOCK_L × BLOCK_D
+        mean = tl.load(MEAN + b * L + rows, mask=mask_l, other=0.0)
+        rstd = tl.load(RSTD + b * L + rows, mask=mask_l, other=0.0)
+        xhat = tl.where(mask_ld, (x - mean[:, None]) * rstd[:, None], 0.0)
+        s = tl.dot(q, tl.trans(xhat), input_precision=DOT_PRECISION) * log2e           # BLOCK_M × BLOCK_L
+        p = tl.where(mask_m[:, None] & mask_l[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(xhat), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * sm_scale     # BLOCK_N × BLOCK_D
-        dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
-        tl.store(dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                 dk.to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(dv_base + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-                 dv.to(DV.dtype.element_ty), mask=mask_nd)
-
-    dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        dq += tl.dot(ds, xhat, input_precision=DOT_PRECISION)
+    tl.store(DQ + b * stride_dqb + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
@@ -197,175 +249,186 @@ def _interpreting() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:      # pragma: no cover - layout of older tritons
         return True
-    return isinstance(_cross_pool_attn_fwd_kernel, InterpretedFunction)
+    return isinstance(_ln_attention_pool_fwd_kernel, InterpretedFunction)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
     dev = tensors[0].device
     for t in tensors[1:]:
         if t.device != dev:
-            raise ValueError(f"cross_pool_attn: all tensors must be on one device, got {dev} and {t.device}")
+            raise ValueError(f"ln_attention_pool: all tensors must be on one device, got {dev} and {t.device}")
     if dev.type == "cuda":
         return
     if dev.type == "cpu" and _interpreting():
         return
     raise RuntimeError(
-        f"cross_pool_attn runs Triton kernels and needs CUDA tensors, got device {dev}. On a machine "
-        "without a GPU use the PyTorch path (cross_pool impl='shared'); to run the kernels in the "
-        "Triton interpreter (slow, for tests) set TRITON_INTERPRET=1 before cosmos_fast.kernels.cross_pool "
-        "is imported.")
+        f"ln_attention_pool runs Triton kernels and needs CUDA tensors, got device {dev}. On a machine "
+        "without a GPU use the PyTorch paths (cross_pool impl='absorbed' or 'shared'); to run the "
+        "kernels in the Triton interpreter (slow, for tests) set TRITON_INTERPRET=1 before "
+        "cosmos_fast.kernels.cross_pool is imported.")
 
 
-def _blocks(n: int, d: int) -> tuple[int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_D: powers of two, every one ≥ 16 (tl.dot's minimum on NVIDIA GPUs)."""
-    block_m = max(16, triton.next_power_of_2(n))
-    block_d = max(16, triton.next_power_of_2(d))
-    block_n = 64 if block_d <= 64 and block_m <= 32 else 32
-    return block_m, block_n, block_d
+def _check_inputs(x: torch.Tensor, q: torch.Tensor) -> tuple[int, int, int, int]:
+    if x.dim() != 3 or q.dim() != 3:
+        raise ValueError(f"ln_attention_pool: context must be (B, L, D) and queries (B, M, D), got "
+                         f"{tuple(x.shape)} and {tuple(q.shape)}")
+    b, length, d = x.shape
+    if q.shape[0] != b or q.shape[2] != d:
+        raise ValueError(f"ln_attention_pool: queries must be (B, M, D) = ({b}, M, {d}) for context "
+                         f"{tuple(x.shape)}, got {tuple(q.shape)}")
+    if x.dtype not in _DTYPES or q.dtype not in _DTYPES:
+        raise ValueError(f"ln_attention_pool: context and queries must be among {_DTYPES}, "
+                         f"got {x.dtype} and {q.dtype}")
+    if not 1 <= d <= MAX_WIDTH:
+        raise ValueError(f"ln_attention_pool: width D must be in [1, {MAX_WIDTH}], got {d}")
+    if length < 1:
+        raise ValueError("ln_attention_pool: the context needs at least one row (L ≥ 1)")
+    if q.shape[1] < 1:
+        raise ValueError("ln_attention_pool: needs at least one query (M ≥ 1)")
+    return b, length, q.shape[1], d
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 stays IEEE fp32; bf16/fp16 are exact in TF32, so their upcast copies use TF32 tensor cores
+    # fp32 stays IEEE fp32; for bf16/fp16 contexts TF32 keeps more bits than the inputs carry
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _bhsd(b: int, h: int, s: int, d: int, like: torch.Tensor) -> torch.Tensor:
-    """A (B, H, S, d) view of a fresh contiguous (B, S, H, d) buffer (merging heads is then free)."""
-    return like.new_empty((b, s, h, d)).transpose(1, 2)
+# Blocks and warps: powers of two, every block ≥ 16 (tl.dot's minimum). Chosen by compiling for
+# sm_90 without a GPU (triton.compile + ptxas -v): at D = 512 the forward needs 66 KB of shared
+# memory and no spills with a bf16 context (132 KB with fp32); 32-row tiles or 64-query blocks
+# at D = 512 spill or need more shared memory (benchmarks/bench_cross_pool.py --compile-check),
+# and D = 1024 does not fit a Hopper SM with an fp32 context. Untimed: a GPU run should sweep them.
+def _fwd_config(m: int, d: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = 16 if block_d >= 512 else min(64, max(16, triton.next_power_of_2(m)))
+    return {"BLOCK_M": block_m, "BLOCK_L": 16 if block_d >= 512 else 32, "BLOCK_D": block_d,
+            "num_warps": 8 if block_d >= 256 else 4}
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"cross_pool_attn: {name} must be 4-D (B, H, rows, d), got shape {tuple(t.shape)}")
-    b, h, n, d = q.shape
-    length = k.shape[2]
-    if tuple(k.shape) != (b, h, length, d) or tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"cross_pool_attn: expected q (B, H, n, d) and k, v (B, H, L, d) with equal B, H, d; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"cross_pool_attn: q, k, v must share one dtype among {_DTYPES}, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 1 <= n <= MAX_QUERIES:
-        raise ValueError(f"cross_pool_attn: number of queries per sample must be in [1, {MAX_QUERIES}], got {n}")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"cross_pool_attn: head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
-    if length < 1:
-        raise ValueError("cross_pool_attn: the context needs at least one key (L ≥ 1)")
-    return b, h, n, length, d
+def _bwd_config(d: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    return {"BLOCK_M": 16, "BLOCK_L": 16 if block_d >= 512 else 32, "BLOCK_D": block_d,
+            "num_warps": 8 if block_d >= 256 else 4}
 
 
-def cross_pool_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns o (B, H, n, d; q's dtype) and lse (B, H, n; fp32)."""
-    b, h, n, length, d = _check_qkv(q, k, v)
-    _check_device(q, k, v)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    o = _bhsd(b, h, n, d, q)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    if b == 0 or h == 0:
-        return o, lse
-    block_m, block_n, block_d = _blocks(n, d)
-    grid = (triton.cdiv(n, block_m), b * h)
-    _cross_pool_attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, n, length, d,
-        scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+def ln_attention_pool_fwd(x: torch.Tensor, q: torch.Tensor, eps: float = 1e-5
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on context x (B, L, D) and queries q (B, M, D), any strides.
+
+    Returns o (B, M, D; q's dtype) = softmax(q·x̂ᵀ)·x̂ with x̂ the context rows normalised without
+    affine, lse (B, M; fp32, base 2) and the rows' mean and rstd (B, L; fp32).
+    """
+    b, length, m, d = _check_inputs(x, q)
+    _check_device(x, q)
+    o = q.new_empty((b, m, d))
+    lse = torch.empty((b, m), dtype=torch.float32, device=q.device)
+    mean = torch.empty((b, length), dtype=torch.float32, device=q.device)
+    rstd = torch.empty_like(mean)
+    if b == 0:
+        return o, lse, mean, rstd
+    cfg = _fwd_config(m, d)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), b)
+    _ln_attention_pool_fwd_kernel[grid](
+        x, q, o, lse, mean, rstd,
+        *x.stride(), *q.stride(), *o.stride(),
+        m, length, d,
+        float(eps),
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg,
     )
-    return o, lse
+    return o, lse, mean, rstd
 
 
-def cross_pool_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        o: torch.Tensor, lse: torch.Tensor,
-                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel. Returns dq, dk, dv with the shapes and dtype of q, k, v."""
-    b, h, n, length, d = _check_qkv(q, k, v)
+def ln_attention_pool_bwd(do: torch.Tensor, x: torch.Tensor, q: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the two backward kernels. Returns dx (x's shape and dtype) and dq (q's shape and dtype)."""
+    b, length, m, d = _check_inputs(x, q)
     if tuple(do.shape) != tuple(q.shape) or tuple(o.shape) != tuple(q.shape):
-        raise ValueError(f"cross_pool_attn_bwd: do and o must have q's shape {tuple(q.shape)}, "
+        raise ValueError(f"ln_attention_pool_bwd: do and o must have the queries' shape {tuple(q.shape)}, "
                          f"got {tuple(do.shape)} and {tuple(o.shape)}")
-    if tuple(lse.shape) != (b, h, n) or lse.dtype != torch.float32:
-        raise ValueError(f"cross_pool_attn_bwd: lse must be fp32 of shape {(b, h, n)}, "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
-    _check_device(q, k, v, do, o, lse)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    lse = lse.contiguous()
-    dq = _bhsd(b, h, n, d, q)
-    dk = _bhsd(b, h, length, d, k)
-    dv = _bhsd(b, h, length, d, v)
-    if b == 0 or h == 0:
-        return dq, dk, dv
-    block_m, block_n, block_d = _blocks(n, d)
-    _cross_pool_attn_bwd_kernel[(b * h,)](
-        q, k, v, o, do, lse, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(),
-        h, n, length, d,
-        scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+    for name, t, shape in (("lse", lse, (b, m)), ("mean", mean, (b, length)), ("rstd", rstd, (b, length))):
+        if tuple(t.shape) != shape or t.dtype != torch.float32:
+            raise ValueError(f"ln_attention_pool_bwd: {name} must be fp32 of shape {shape}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    _check_device(x, q, do, o, lse, mean, rstd)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return dx, dq
+    delta = (do.float() * o.float()).sum(-1)                          # δ_m = Σ_D dO_m · O_m, (B, M)
+    lse, mean, rstd = lse.contiguous(), mean.contiguous(), rstd.contiguous()
+    strides = (*x.stride(), *q.stride(), *do.stride())
+    cfg = _bwd_config(d)
+    _ln_attention_pool_bwd_dx_kernel[(triton.cdiv(length, cfg["BLOCK_L"]), b)](
+        x, q, do, lse, delta, mean, rstd, dx,
+        *strides, *dx.stride(),
+        m, length, d,
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg,
     )
-    return dq, dk, dv
+    cfg = _fwd_config(m, d)          # the dq kernel walks the context like the forward
+    _ln_attention_pool_bwd_dq_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), b)](
+        x, q, do, lse, delta, mean, rstd, dq,
+        *strides, *dq.stride(),
+        m, length, d,
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+    )
+    return dx, dq
 
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops (traceable by torch.compile) with autograd
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("cosmos_fast::cross_pool_attn_fwd", mutates_args=())
-def _cross_pool_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return cross_pool_attn_fwd(q, k, v, scale)
+@torch.library.custom_op("cosmos_fast::ln_attention_pool_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, q: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ln_attention_pool_fwd(x, q, eps)
 
 
-@_cross_pool_attn_fwd_op.register_fake
-def _(q, k, v, scale):
-    b, h, n, d = q.shape
-    return _bhsd(b, h, n, d, q), q.new_empty((b, h, n), dtype=torch.float32)
+@_fwd_op.register_fake
+def _(x, q, eps):
+    b, length, _ = x.shape
+    m = q.shape[1]
+    stats = x.new_empty((b, length), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((b, m), dtype=torch.float32), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("cosmos_fast::cross_pool_attn_bwd", mutates_args=())
-def _cross_pool_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            o: torch.Tensor, lse: torch.Tensor,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cross_pool_attn_bwd(do, q, k, v, o, lse, scale)
+@torch.library.custom_op("cosmos_fast::ln_attention_pool_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return ln_attention_pool_bwd(do, x, q, o, lse, mean, rstd)
 
 
-@_cross_pool_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale):
-    b, h, n, d = q.shape
-    length = k.shape[2]
-    return _bhsd(b, h, n, d, q), _bhsd(b, h, length, d, k), _bhsd(b, h, length, d, v)
+@_bwd_op.register_fake
+def _(do, x, q, o, lse, mean, rstd):
+    return x.new_empty(x.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)        # o is also the out-projection's input: no extra memory
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
+    x, q, _eps = inputs
+    o, lse, mean, rstd = output
+    ctx.save_for_backward(x, q, o, lse, mean, rstd)
+    ctx.mark_non_differentiable(lse, mean, rstd)
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _cross_pool_attn_bwd_op(do, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
+def _backward(ctx, do, _dlse, _dmean, _drstd):
+    x, q, o, lse, mean, rstd = ctx.saved_tensors
+    dx, dq = _bwd_op(do.contiguous(), x, q, o, lse, mean, rstd)
+    return dx, dq, None
 
 
-_cross_pool_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-def cross_pool_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(scale·q·kᵀ)·v per (sample, head), differentiable in q, k and v.
+def ln_attention_pool(context: torch.Tensor, queries: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """softmax_l(queries·x̂_lᵀ)·x̂ per sample, differentiable in context and queries.
 
-    q: (B, H, n, d) queries, 1 ≤ n ≤ 128; k, v: (B, H, L, d) keys and values of the shared context
-    (any strides); scale defaults to 1/√d. Returns o (B, H, n, d) in q's dtype — a view of a
-    contiguous (B, n, H, d) buffer, so ``o.transpose(1, 2).reshape(B, n, H·d)`` does not copy.
+    context: (B, L, D) raw rows x_l, D ≤ 512; x̂_l = (x_l − mean)/√(var + eps) over D (a LayerNorm
+    without affine); queries: (B, M, D), already scaled (no 1/√d is applied here). Returns (B, M, D)
+    in the queries' dtype. The pooler's caller folds LN_k's gain into the queries and adds its bias
+    afterwards (``cosmos_fast.ops.cross_pool.ln_pool``).
     """
-    d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return _cross_pool_attn_fwd_op(q, k, v, scale)[0]
+    return _fwd_op(context, queries, float(eps))[0]
+

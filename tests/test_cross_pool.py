@@ -1,11 +1,13 @@
 """The cross_pool op over all its implementations (absorbed, shared, fused, reference) against the
 official formulation: nn.MultiheadAttention on the context repeated once per query, then residual
 add and L2 normalisation (cosmos_fast.reference.cross_pool). Also the pooler module, the switch,
-the Triton attention core alone and its torch.library registration.
+the fused LayerNorm + attention-pooling kernel alone, its torch.library registration and the
+ZeRO-3 contract (weights read inside their module's forward).
 
 On machines without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest.py before any
-kernel module is imported) in fp32 with small widths. bf16 equality and the production shapes
-(D = 512, 8 heads, n = 8 / 1, L = 196 / 77) and head dim 8 on a real GPU are CUDA-only tests.
+kernel module is imported) in fp32 with small widths (and a bf16/fp16 context for the kernel
+alone). bf16/fp16 equality at the production shapes (D = 512, 8 heads, n = 8 / 1, L = 196 / 77 / 49)
+and head dim 8 on a real GPU are CUDA-only tests.
 """
 import functools
 import math
@@ -101,6 +103,7 @@ FP32_CASES = [  # (B, L, n, D, heads): interpreter-sized
     pytest.param(3, 77, 8, 64, 8, id="text-L77-n8-d8"),
     pytest.param(5, 49, 8, 32, 4, id="image-L49-n8-oddB"),
     pytest.param(2, 196, 1, 32, 2, id="image-L196-n1"),
+    pytest.param(3, 77, 1, 64, 8, id="text-L77-n1-oddB"),
     pytest.param(1, 9, 3, 16, 2, id="tiny"),
     pytest.param(2, 30, 20, 64, 2, id="n20-d32"),
 ]
@@ -243,90 +246,146 @@ def test_auto_picks_absorbed_when_it_saves_flops(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The Triton attention core alone
+# The fused LayerNorm + attention-pooling kernel alone
 # ---------------------------------------------------------------------------------------------
+def _ln_pool_reference(x, q, do, eps=1e-5):
+    """softmax(q·x̂ᵀ)·x̂ in fp64 with x̂ the context normalised without affine; o and the gradients."""
+    x64, q64 = (t.detach().double().requires_grad_() for t in (x, q))
+    xh = F.layer_norm(x64, x64.shape[-1:], eps=eps)
+    s = q64 @ xh.transpose(1, 2)
+    o = torch.softmax(s, -1) @ xh
+    o.backward(do.double())
+    return o.detach(), torch.logsumexp(s, -1).detach(), x64.grad, q64.grad
+
+
+KERNEL_CASES = [  # (B, L, M, D)
+    pytest.param(3, 49, 32, 32, id="L49-M32-oddB"),
+    pytest.param(2, 77, 8, 64, id="L77-M8"),
+    pytest.param(1, 196, 40, 48, id="L196-M40-D48"),
+    pytest.param(2, 5, 3, 20, id="tiny"),
+]
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("b,h,n,length,d", [(2, 3, 8, 77, 8), (3, 2, 1, 70, 16), (1, 1, 17, 5, 40)],
-                         ids=["n8-d8", "n1-d16", "n17-d40"])
-def test_core_matches_softmax_attention(b, h, n, length, d, dtype):
-    """The attention core alone on strided (head-split) and contiguous layouts: o, lse, dq, dk, dv."""
+@pytest.mark.parametrize("b,length,m,d", KERNEL_CASES)
+def test_kernel_matches_layernorm_softmax_pooling(b, length, m, d):
+    """o, lse, the rows' LayerNorm statistics, dx and dq against fp64, on strided context rows."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(b, n, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)   # strided, as split_heads
-    k = torch.randn(b, length, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
-    v = torch.randn(b, h, length, d, generator=g).to(DEVICE, dtype)               # contiguous
-    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s = q64 @ k64.transpose(-1, -2) / math.sqrt(d)
-    ref = torch.softmax(s, -1) @ v64
-    ref.backward(do.double())
+    x = (torch.randn(b, d, length, generator=g) * 2 + 0.5).to(DEVICE).transpose(1, 2)   # strided rows
+    q = (torch.randn(b, m, d, generator=g) * 0.5).to(DEVICE)
+    do = torch.randn(b, m, d, generator=g).to(DEVICE)
+    ref, ref_lse, ref_dx, ref_dq = _ln_pool_reference(x, q, do)
 
-    o, lse = kc.cross_pool_attn_fwd(q, k, v)
-    dq, dk, dv = kc.cross_pool_attn_bwd(do, q, k, v, o, lse)
-    assert o.dtype == dq.dtype == dk.dtype == dv.dtype == dtype and lse.dtype == torch.float32
-    assert o.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
-    # fp32: accumulation order only (2× the table's fp32 bound); bf16: fp32 math on bf16 inputs,
-    # one rounding of each output (the table's bf16 bound)
-    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else {}
-    assert_close(lse.double(), torch.logsumexp(s, -1).detach(), rtol=2e-6, atol=2e-6)
-    for name, got, want in (("o", o, ref), ("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
-        assert_close(got.double(), want.detach(), dtype=dtype, **tol, msg=name)
+    o, lse, mean, rstd = kc.ln_attention_pool_fwd(x, q)
+    dx, dq = kc.ln_attention_pool_bwd(do, x, q, o, lse, mean, rstd)
+    assert o.shape == dq.shape == q.shape and dx.shape == x.shape and o.dtype == dx.dtype == torch.float32
+    assert_close(lse.double() / math.log2(math.e), ref_lse, rtol=2e-6, atol=2e-6, msg="lse (base 2)")
+    assert_close(mean.double(), x.double().mean(-1), rtol=1e-6, atol=1e-6, msg="mean")
+    assert_close(rstd.double(), x.double().var(-1, unbiased=False).add(1e-5).rsqrt(), rtol=1e-5, msg="rstd")
+    for name, got, want in (("o", o, ref), ("dx", dx, ref_dx), ("dq", dq, ref_dq)):
+        assert_close(got.double(), want, rtol=2e-5, atol=2e-6 * max(1.0, want.abs().max().item()), msg=name)
 
 
 @needs_kernels
-def test_output_layout_makes_head_merge_free():
-    q = torch.randn(2, 3, 4, 16, device=DEVICE).transpose(1, 2)
-    k = torch.randn(2, 7, 4, 16, device=DEVICE).transpose(1, 2)
-    o = kc.cross_pool_attn(q, k, k)
-    merged = o.transpose(1, 2).reshape(2, 3, 64)
-    assert merged.data_ptr() == o.data_ptr() and merged.is_contiguous()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kernel_low_precision_context_within_twice_torch_error(dtype):
+    """A bf16/fp16 context (fp32 queries, as the pooler passes them): o, dx and dq within 2× the
+    error of the same formula in torch on the same low-precision context, against fp64."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 49, 64, generator=g).to(DEVICE, dtype)
+    q = torch.randn(3, 16, 64, generator=g).to(DEVICE) * 0.3
+    do = torch.randn(3, 16, 64, generator=g).to(DEVICE)
+    want = _ln_pool_reference(x, q, do)
+    xt, qt = x.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    xh = F.layer_norm(xt, xt.shape[-1:])                                  # torch in the context's dtype
+    base = torch.softmax(qt.to(dtype) @ xh.transpose(1, 2), -1) @ xh
+    base.backward(do.to(dtype))
+    xk, qk = x.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    got = kc.ln_attention_pool(xk, qk)
+    got.backward(do)
+    assert xk.grad.dtype == dtype and qk.grad.dtype == torch.float32
+    for name, g_, b_, w_ in (("o", got, base, want[0]), ("dx", xk.grad, xt.grad, want[2]),
+                             ("dq", qk.grad, qt.grad, want[3])):
+        assert_within_twice_torch_error(g_.double(), b_.double(), w_, f"{dtype} {name}")
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration: fake implementations, autograd, torch.compile
+# torch.library registration, torch.compile, ZeRO-3's contract
 # ---------------------------------------------------------------------------------------------
 @needs_kernels
 def test_opcheck_fwd_and_bwd_ops():
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 3, 2, 8, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
-    k = torch.randn(2, 5, 2, 8, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
-    v = torch.randn(2, 2, 5, 8, generator=g).to(DEVICE).requires_grad_()
-    res = torch.library.opcheck(torch.ops.cosmos_fast.cross_pool_attn_fwd.default, (q, k, v, 0.3))
+    x = torch.randn(2, 16, 7, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()   # strided
+    q = torch.randn(2, 5, 16, generator=g).to(DEVICE).requires_grad_()
+    res = torch.library.opcheck(torch.ops.cosmos_fast.ln_attention_pool_fwd.default, (x, q, 1e-5))
     assert set(res.values()) == {"SUCCESS"}, res
-    o, lse = kc.cross_pool_attn_fwd(q.detach(), k.detach(), v.detach(), 0.3)
+    o, lse, mean, rstd = kc.ln_attention_pool_fwd(x.detach(), q.detach())
     do = torch.randn(o.shape, generator=g).to(DEVICE)
-    res = torch.library.opcheck(torch.ops.cosmos_fast.cross_pool_attn_bwd.default,
-                                (do, q.detach(), k.detach(), v.detach(), o, lse, 0.3))
+    res = torch.library.opcheck(torch.ops.cosmos_fast.ln_attention_pool_bwd.default,
+                                (do, x.detach(), q.detach(), o, lse, mean, rstd))
     assert set(res.values()) == {"SUCCESS"}, res
 
 
 def test_fake_impl_gives_production_shapes():
-    """Shapes, strides and dtypes of both ops under FakeTensorMode at the ViT-B/16 image pooler size."""
+    """Shapes and dtypes of both ops under FakeTensorMode at the ViT-B/16 image pooler size."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    b, h, n, length, d = 64, 8, 8, 196, 64
+    b, length, m, d = 64, 196, 64, 512
     with FakeTensorMode():
-        q = torch.empty(b, n, h * d, dtype=torch.bfloat16).view(b, n, h, d).transpose(1, 2)
-        kv = torch.empty(b, length, h * d, dtype=torch.bfloat16).view(b, length, h, d).transpose(1, 2)
-        o, lse = torch.ops.cosmos_fast.cross_pool_attn_fwd(q, kv, kv, 0.125)
-        dq, dk, dv = torch.ops.cosmos_fast.cross_pool_attn_bwd(o, q, kv, kv, o, lse, 0.125)
-    assert o.shape == (b, h, n, d) and o.dtype == torch.bfloat16
-    assert o.stride() == (n * h * d, d, h * d, 1)                     # (B, n, H, d) buffer, transposed
-    assert lse.shape == (b, h, n) and lse.dtype == torch.float32
-    assert dq.shape == (b, h, n, d) and dk.shape == dv.shape == (b, h, length, d)
-    assert dk.stride() == (length * h * d, d, h * d, 1) and dk.dtype == torch.bfloat16
+        x = torch.empty(b, length, d, dtype=torch.bfloat16)
+        q = torch.empty(b, m, d, dtype=torch.float32)
+        o, lse, mean, rstd = torch.ops.cosmos_fast.ln_attention_pool_fwd(x, q, 1e-5)
+        dx, dq = torch.ops.cosmos_fast.ln_attention_pool_bwd(o, x, q, o, lse, mean, rstd)
+    assert o.shape == dq.shape == (b, m, d) and o.dtype == dq.dtype == torch.float32
+    assert lse.shape == (b, m) and mean.shape == rstd.shape == (b, length)
+    assert lse.dtype == mean.dtype == rstd.dtype == torch.float32
+    assert dx.shape == (b, length, d) and dx.dtype == torch.bfloat16
 
 
 @needs_kernels
 def test_torch_compile_traces_fused_pooler():
+    """No graph break through the op (dynamo's explain, and fullgraph=True), and the compiled
+    features and gradients equal eager."""
     ours, _ = _make(32, 4, device=DEVICE)
     ctx, q, w = _inputs(3, 11, 8, 32, device=DEVICE)
+    explanation = torch._dynamo.explain(_op("fused"))(ours, ctx, q)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    assert "ln_attention_pool_fwd" in str(explanation.graphs[0].graph)
     compiled = torch.compile(_op("fused"), backend="aot_eager", fullgraph=True)
     out, grads = _features_and_grads(_op("fused"), ours, ctx, q, w)
     out_c, grads_c = _features_and_grads(compiled, ours, ctx, q, w)
     assert_close(out_c, out, rtol=1e-6, atol=1e-7)
     for name in grads:
         assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["shared", "absorbed", pytest.param("fused", marks=needs_kernels)])
+def test_weights_are_read_inside_their_modules_forward(impl):
+    """ZeRO-3's contract, simulated: every module's own parameters hold data only while its forward
+    runs (DeepSpeed gathers them in a pre-forward hook and frees them after); the features still
+    equal those of the unpartitioned pooler."""
+    device = DEVICE if impl == "fused" else "cpu"
+    pooler, _ = _make(32, 4, device=device)
+    ctx, q, _ = _inputs(3, 13, 4, 32, device=device)
+    with torch.no_grad():
+        want = cross_pool(pooler, ctx, q, impl=impl)
+        full = {p: p.data for p in pooler.parameters()}
+
+        def release(module, *_):
+            for p in module.parameters(recurse=False):
+                p.data = torch.empty(0, device=device)
+
+        def gather(module, *_):
+            for p in module.parameters(recurse=False):
+                p.data = full[p]
+
+        for module in pooler.modules():
+            module.register_forward_pre_hook(gather)
+            module.register_forward_hook(release)
+            release(module)
+        got = cross_pool(pooler, ctx, q, impl=impl)
+    assert all(p.numel() == 0 for p in pooler.parameters())
+    assert_close(got, want, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,34 +396,36 @@ def test_fused_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     p = CrossAttentionPooler(16, 16, n_head=2)
     with pytest.raises(RuntimeError, match="impl='fused'.*needs CUDA tensors"):
         cross_pool(p, torch.randn(1, 4, 16), torch.randn(1, 2, 16), impl="fused")
-    q = torch.randn(1, 2, 3, 8)
+    x = torch.randn(1, 3, 8)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
-        kc.cross_pool_attn_fwd(q, q, q)
+        kc.ln_attention_pool_fwd(x, x)
 
 
 def test_launchers_validate_inputs():
-    q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8)
-    with pytest.raises(ValueError, match="4-D"):
-        kc.cross_pool_attn_fwd(q[0], k, k)
-    with pytest.raises(ValueError, match="equal B, H, d"):
-        kc.cross_pool_attn_fwd(q, torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4))
-    with pytest.raises(ValueError, match="equal B, H, d"):
-        kc.cross_pool_attn_fwd(q, k, torch.randn(2, 2, 6, 8))
-    with pytest.raises(ValueError, match="one dtype"):
-        kc.cross_pool_attn_fwd(q.double(), k.double(), k.double())
-    with pytest.raises(ValueError, match="one dtype"):
-        kc.cross_pool_attn_fwd(q, k.half(), k)
-    with pytest.raises(ValueError, match=r"queries per sample must be in \[1, 128\]"):
-        kc.cross_pool_attn_fwd(torch.randn(1, 1, 129, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
-    with pytest.raises(ValueError, match="at least one key"):
-        kc.cross_pool_attn_fwd(q, torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8))
-    o, lse = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3)
-    with pytest.raises(ValueError, match="lse must be fp32"):
-        kc.cross_pool_attn_bwd(o, q, k, k, o, lse.double())
-    with pytest.raises(ValueError, match="do and o must have q's shape"):
-        kc.cross_pool_attn_bwd(o[:, :, :2], q, k, k, o, lse)
-
-
+    x, q = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"context must be \(B, L, D\)"):
+        kc.ln_attention_pool_fwd(x[0], q)
+    with pytest.raises(ValueError, match=r"queries must be \(B, M, D\) = \(2, M, 8\)"):
+        kc.ln_attention_pool_fwd(x, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"queries must be \(B, M, D\)"):
+        kc.ln_attention_pool_fwd(x, torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="must be among"):
+        kc.ln_attention_pool_fwd(x.double(), q)
+    with pytest.raises(ValueError, match=r"width D must be in \[1, 512\]"):
+        kc.ln_attention_pool_fwd(torch.randn(1, 2, 513), torch.randn(1, 1, 513))
+    with pytest.raises(ValueError, match="at least one row"):
+        kc.ln_attention_pool_fwd(torch.randn(2, 0, 8), q)
+    with pytest.raises(ValueError, match="at least one query"):
+        kc.ln_attention_pool_fwd(x, torch.randn(2, 0, 8))
+    lse, stats = torch.randn(2, 3), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="lse must be fp32 of shape"):
+        kc.ln_attention_pool_bwd(q, x, q, q, lse.double(), stats, stats)
+    with pytest.raises(ValueError, match="rstd must be fp32 of shape"):
+        kc.ln_attention_pool_bwd(q, x, q, q, lse, stats, stats[:, :4])
+    with pytest.raises(ValueError, match="do and o must have the queries' shape"):
+        kc.ln_attention_pool_bwd(q[:, :2], x, q, q, lse, stats, stats)
+    with pytest.raises(ValueError, match="takes the raw context and the pooler's ln_k"):
+        CrossAttentionPooler(16, 16, n_head=2).attn(torch.randn(1, 2, 16), torch.randn(1, 4, 16), impl="fused")
 # ---------------------------------------------------------------------------------------------
 # GPU only: bf16 equality (flash-attention's rule), production shapes, head dim 8, inductor
 # ---------------------------------------------------------------------------------------------
@@ -403,17 +464,19 @@ def test_gpu_fp32_equals_official(b, length, n, d, heads, impl):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("b,length,n,d,heads", GPU_CASES)
-def test_gpu_bf16_error_within_twice_torch_bf16(b, length, n, d, heads, impl):
-    """Error vs an fp32 reference ≤ 2× the error of the bf16 torch path (tests/utils.py's rule)."""
+def test_gpu_low_precision_error_within_twice_torch(b, length, n, d, heads, impl, dtype):
+    """Error vs an fp32 reference ≤ 2× the error of the same-precision torch path (tests/utils.py's
+    rule), for the features and every gradient."""
     ours, official = _make(d, heads, device="cuda")
-    ours_bf16 = ours.to(torch.bfloat16)
-    official_bf16 = OfficialPooler(d, heads).cuda().to(torch.bfloat16)
+    ours_bf16 = ours.to(dtype)
+    official_bf16 = OfficialPooler(d, heads).cuda().to(dtype)
     official_bf16.load_state_dict(ours_bf16.state_dict(), strict=True)
     official_fp32 = OfficialPooler(d, heads).cuda()
-    official_fp32.load_state_dict(ours_bf16.state_dict(), strict=True)     # the same bf16-rounded weights
-    ctx, q, w = _inputs(b, length, n, d, dtype=torch.bfloat16, device="cuda")
+    official_fp32.load_state_dict(ours_bf16.state_dict(), strict=True)     # the same rounded weights
+    ctx, q, w = _inputs(b, length, n, d, dtype=dtype, device="cuda")
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -422,7 +485,7 @@ def test_gpu_bf16_error_within_twice_torch_bf16(b, length, n, d, heads, impl):
         torch.backends.cuda.matmul.allow_tf32 = prev
     out, g = _features_and_grads(_op(impl), ours_bf16, ctx, q, w)
     base, base_g = _features_and_grads(official_features, official_bf16, ctx, q, w)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     for name, got, torch_path, want in [("features", out, base, ref)] + [
             (k, g[k], base_g[k], ref_g[k]) for k in ref_g]:
         assert_within_twice_torch_error(got, torch_path, want, f"{impl} {name}")

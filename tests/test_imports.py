@@ -162,6 +162,8 @@ LATE_IMPORTS = {
     ("cosmos_fast.ops.contrastive", "cosmos_fast.kernels.contrastive"): "the kernel module imports triton (optional)",
     ("cosmos_fast.ops.cross_pool", "cosmos_fast.kernels.cross_pool"): "the kernel module imports triton (optional)",
     ("cosmos_fast.ops.multicrop", "cosmos_fast.kernels.multicrop"): "the kernel module imports numba (optional)",
+    ("benchmarks.bench_cross_pool", "cosmos_fast.kernels.cross_pool"): "the kernel module imports triton "
+                                                                        "(optional; CPU runs have no fused rows)",
     ("benchmarks.bench_train", "cosmos_fast.data.backends"): "the DALI backend is optional: fallback on ImportError",
     ("benchmarks.bench_train", "cosmos_fast.data.torchvision_loader"): "the fallback of that ImportError",
 }

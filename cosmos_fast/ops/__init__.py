@@ -4,7 +4,8 @@ implementations are tested against live in ``cosmos_fast/reference/<op>.py``.
 
 * ``cross_pool(pooler, context, queries, impl)`` → norm(queries + pooler(context, queries)), (B, n, D)
   (:mod:`cosmos_fast.ops.cross_pool`)
-    - ``"fused"``     : LN_k and K/V once per sample, Triton attention core (kernels/cross_pool.py)
+    - ``"fused"``     : the absorbed formulation with LN_k, scores, softmax and pooling in one Triton
+                        kernel per direction (kernels/cross_pool.py); not yet verified on a GPU
     - ``"absorbed"``  : LN_k once per sample, no K/V: W_k folded into the queries and W_v applied
                         to the attention-pooled context (fewer FLOPs than K/V when n·H < D)
     - ``"shared"``    : LN_k and K/V once per sample, PyTorch attention

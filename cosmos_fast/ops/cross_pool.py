@@ -11,15 +11,19 @@ For each sample b with context C_b (L×D) and n queries Q_b (n×D), heads H, hea
 * ``"shared"``   — :func:`shared_attention`: K/V once per sample and a PyTorch attention core.
 * ``"absorbed"`` — :func:`absorbed_attention`: no K or V at all (W_k folded into the queries,
   W_v applied to the attention-pooled context).
-* ``"fused"``    — :func:`fused_attention`: K/V once per sample, the Triton attention core of
-  ``kernels/cross_pool.py`` (imported on first use: triton is an optional dependency).
+* ``"fused"``    — :func:`fused_attention`: the absorbed formulation with LN_k, the scores, the
+  softmax and the pooling of the normalised context in one Triton kernel per direction
+  (``kernels/cross_pool.py``, imported on first use: triton is an optional dependency); not yet
+  verified on a GPU.
 * ``"reference"``— the official repeat-the-context formulation, :mod:`cosmos_fast.reference.cross_pool`.
 
-The first three take the LayerNorm'd queries and context and the pooler's packed in-projection
-and return the attention output *before* ``out_proj``: the pooler's attention module
+The first three take the LayerNorm'd queries and the pooler's packed in-projection and return the
+attention output *before* ``out_proj``; shared and absorbed take the LayerNorm'd context, fused
+the raw context and the LN_k module. The pooler's attention module
 (:class:`cosmos_fast.model.pooler.CrossAttention`) calls them inside its own forward with its own
-weights and applies its ``out_proj`` submodule, because DeepSpeed ZeRO-3 gathers a module's
-parameters only while that module's forward runs.
+weights and applies its ``out_proj`` submodule, and the fused path's γ and β are read inside
+LN_k's forward, because DeepSpeed ZeRO-3 gathers a module's parameters only while that module's
+forward runs.
 """
 from __future__ import annotations
 
@@ -39,7 +43,11 @@ def resolve_cross_pool_impl(impl: str = "auto", device: torch.device | None = No
                             shape: tuple[int, int, int] | None = None) -> str:
     """Validate ``impl``; ``"auto"`` becomes shared on CUDA (measured fastest there, see
     bench_results/cross_pool), otherwise absorbed when ``shape`` = (n queries, heads, width) has
-    n·heads < width (fewer FLOPs than K/V), else shared."""
+    n·heads < width (fewer FLOPs than K/V), else shared.
+
+    The CUDA rule was measured against the earlier core-only Triton kernel; the fused kernel of
+    today (LN_k + absorbed pooling) has not run on a GPU yet, so ``auto`` does not pick it until a
+    GPU run of benchmarks/bench_cross_pool.py shows it fastest."""
     if impl == "auto":
         override = impl_override(CROSS_POOL_IMPLS)
         if override is not None:
@@ -139,19 +147,64 @@ def _kernel_module():
     return kernel
 
 
-def fused_attention(x: torch.Tensor, context: torch.Tensor, in_proj_weight: torch.Tensor,
-                    in_proj_bias: torch.Tensor, heads: int) -> torch.Tensor:
-    """:func:`shared_attention` with the Triton attention core (``kernels/cross_pool.py``).
+def absorb_queries(x: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor,
+                   heads: int) -> torch.Tensor:
+    """The absorbed queries of x (N×n×W): q̃_{i,h} = W_k,hᵀ (W_q,h x_i + b_q,h) / √d, as an
+    (N, n·H, W) tensor (row i·H + h) in fp32 (fp64 stays), the precision of the scores' softmax."""
+    n_batch, n, w = x.shape
+    d = w // heads
+    wq, wk, _ = in_proj_weight.chunk(3)
+    bq = in_proj_bias[:w]
+    q = F.linear(x, wq, bq) * d ** -0.5                                       # N × n × W
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        q = q.to(acc).reshape(n_batch * n, heads, d).transpose(0, 1)          # H × Nn × d
+        qk = torch.matmul(q, wk.to(acc).view(heads, d, w))                    # H × Nn × W
+        return qk.view(heads, n_batch, n, w).permute(1, 2, 0, 3).reshape(n_batch, n * heads, w)
 
-    LayerNorms and projections stay in PyTorch; the kernel reads the head-split projections in
-    place and returns a buffer whose head merge is free. Differentiable in x, the context and the
-    weights; 1 ≤ n ≤ 128. Needs CUDA tensors, or TRITON_INTERPRET=1 set before the kernel module
-    is first imported (the Triton interpreter on CPU; slow, for tests).
+
+def ln_pool(context: torch.Tensor, queries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            eps: float) -> torch.Tensor:
+    """Σ_l softmax_l(q̃_m·LN(c_l))·LN(c_l) for raw context rows c_l (N×L×W) and queries q̃ (N×M×W),
+    LN the LayerNorm with gain ``weight`` and bias ``bias``, by the fused Triton kernel
+    (``kernels/cross_pool.py``).
+
+    The kernel normalises the context without affine: q̃·LN(c) = (q̃∘γ)·ĉ + q̃·β, and q̃·β is the
+    same for every row (it cancels in the softmax), so γ is folded into the queries and
+    Σ p·LN(c) = γ∘(Σ p·ĉ) + β is applied to the (N, M, W) result; autograd takes γ's and β's
+    gradients through these two products. Returns (N, M, W) in the queries' dtype.
+    """
+    kernel = _kernel_module()
+    return kernel.ln_attention_pool(context, queries * weight, eps) * weight + bias
+
+
+def fused_attention(x: torch.Tensor, context: torch.Tensor, in_proj_weight: torch.Tensor,
+                    in_proj_bias: torch.Tensor, heads: int, ln_k: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """:func:`absorbed_attention` with LN_k and the attention pooling in one Triton kernel.
+
+    ``context`` is the *raw* context (N×L×W), before LN_k; ``ln_k`` is the pooler's LN_k module,
+    called as ``ln_k(context, pool_queries=q̃)`` so that it runs :func:`ln_pool` inside its own
+    forward with its own γ and β (DeepSpeed ZeRO-3 gathers a module's parameters only while that
+    module's forward runs). PyTorch keeps the small products: the absorbed queries
+    (:func:`absorb_queries`), W_v applied per head to the (N, n·H, W) pooled context, and (in the
+    caller) out_proj, the residual and the normalisation — those act on (N, n, W) rows after
+    out_proj's GEMM, a small fraction of the context's bytes, and torch.compile fuses the
+    elementwise part, so no hand-written epilogue kernel. Differentiable in x, the context and
+    every weight (b_k gets a zero gradient, as in :func:`absorbed_attention`). Needs CUDA tensors,
+    or TRITON_INTERPRET=1 set before the kernel module is first imported (the Triton interpreter
+    on CPU; slow, for tests). Returns (N, n, W), before the out-projection.
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError(
             f"cross_pool impl='fused' runs Triton kernels and needs CUDA tensors, got {x.device}; "
-            "use impl='shared' (or 'auto') on CPU, or set TRITON_INTERPRET=1 before import to run the "
+            "use impl='absorbed' (or 'auto') on CPU, or set TRITON_INTERPRET=1 before import to run the "
             "Triton interpreter (slow, for tests)")
-    core = _kernel_module().cross_pool_attn
-    return shared_attention(x, context, in_proj_weight, in_proj_bias, heads, core=core)
+    n_batch, n, w = x.shape
+    d = w // heads
+    _, _, wv = in_proj_weight.chunk(3)
+    bv = in_proj_bias[2 * w:]
+    pooled = ln_k(context, pool_queries=absorb_queries(x, in_proj_weight, in_proj_bias, heads))  # N × nH × W
+    with torch.autocast(x.device.type, enabled=False):
+        pooled = pooled.view(n_batch * n, heads, w).transpose(0, 1)           # H × Nn × W
+        o = torch.matmul(pooled, wv.to(pooled.dtype).view(heads, d, w).transpose(1, 2))   # H × Nn × d
+    return o.transpose(0, 1).reshape(n_batch, n, w).to(x.dtype) + bv
