@@ -457,3 +457,23 @@ def test_ceilings_write_one_row_per_ceiling(tmp_path):
     assert [r["what"] for r in rows][0] == "copy" and "gemm" in {r["what"] for r in rows}
     assert float(next(r for r in rows if r["what"] == "copy")["gb_per_s"]) > 0
     assert float(next(r for r in rows if r["what"] == "atomic_add_fp64")["g_adds_per_s"]) > 0
+
+
+def test_gpu_summary_reads_targets_from_the_run_and_never_guesses(tmp_path):
+    """The GPU run's verdict table: ratios computed from the run's own rows (here the committed H200
+    pooling CSV), "not measured" where a phase left no rows."""
+    import shutil
+
+    from benchmarks import gpu_summary
+
+    (tmp_path / "cross_pool").mkdir()
+    src = REPO / "bench_results" / "cross_pool" / "NVIDIA-H200_2026-11-30_d33d4c3.csv"
+    shutil.copy(src, tmp_path / "cross_pool" / src.name)
+    rows = {what: (value, met) for what, value, _, met in gpu_summary.targets(tmp_path)}
+    case = {r["provider"]: float(r["median_ms"]) for r in _read(src)
+            if (r["pooler"], r["L"], r["B"], r["mode"]) == ("image", "196", "64", "fwd+bwd")}
+    value, met = rows["pooling fwd+bwd B=64 L=196: fused ÷ repeat reference (×)"]
+    assert value == pytest.approx(case["reference"] / case["fused"]) and met is (value >= 6.0)
+    assert rows["loss fwd+bwd B=4096: fused ÷ reference speed (×)"] == (None, None)
+    assert gpu_summary.main([str(tmp_path)]) == 0
+    assert "not measured" in (tmp_path / "summary.md").read_text()
