@@ -19,7 +19,7 @@ instead of to each tensor: the result is bitwise equal (tests/test_fused_update.
 update calls ``torch._fused_adamw_`` (the kernel behind ``AdamW(fused=True)``, today's CUDA optimizer)
 on the flat buffers, with the step count, the learning rate and the EMA momentum held in device
 tensors, so the step can be captured in a CUDA graph (no ``.item()`` or host branch on a tensor
-value); there the EMA's (1 − m)·θ_S is rounded before the add, so it is close, not bitwise.
+value; :meth:`FusedEmaAdamW.sync_scalars` refreshes lr and momentum before each replay); there the EMA's (1 − m)·θ_S is rounded before the add, so it is close, not bitwise.
 
 Gradients are views into the flat gradient buffer and stay allocated: ``zero_grad`` zeroes the buffer
 (whatever ``set_to_none`` says) and backward accumulates into it. A parameter that received no
@@ -121,7 +121,20 @@ class FusedEmaAdamW(torch.optim.AdamW):
         that step updates them (the official ``before_step`` order)."""
         _check_momentum(momentum)
         self._momentum = momentum
-        if self.capturable:
+        if self.capturable and not torch.cuda.is_current_stream_capturing():
+            self._m.fill_(momentum)
+            self._one_minus_m.fill_(1.0 - momentum)
+
+    def sync_scalars(self, momentum: float | None = None) -> None:
+        """CUDA graphs: write the groups' ``lr`` and the EMA ``momentum`` into the device tensors the
+        captured update reads; call it outside the graph before each replay (during capture the update
+        reads these tensors and writes none of them)."""
+        if not self.capturable:
+            return
+        for t, group in zip(self._lr, self.param_groups):
+            t.fill_(group["lr"])
+        if momentum is not None:
+            _check_momentum(momentum)
             self._m.fill_(momentum)
             self._one_minus_m.fill_(1.0 - momentum)
 
@@ -153,7 +166,7 @@ class FusedEmaAdamW(torch.optim.AdamW):
             if self._momentum is not None:
                 self._ema(f)
             if self.capturable:
-                if not capturing:     # a captured graph reads the tensor; refresh it outside capture
+                if not capturing:     # a captured graph reads the tensor: sync_scalars refreshes it
                     self._lr[i].fill_(group["lr"])
                 self._adamw_cuda(group, f, self._lr[i])
             else:
