@@ -42,10 +42,12 @@ from .optim import param_groups
 
 class FusedEmaAdamW(torch.optim.AdamW):
     """AdamW over the student's official parameter groups, flattened, with the teacher's EMA in the
-    same per-group pass. The student and teacher parameters must be fp32 on one device."""
+    same per-group pass. The student and teacher parameters must be fp32 on one device.
+    ``capturable`` (default: on CUDA) selects the device-scalar path (``torch._fused_adamw_``, which
+    also runs on CPU, so the tests exercise it there)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, lr: float = 5e-4, betas=(0.9, 0.98),
-                 eps: float = 1e-8, weight_decay: float = 0.5):
+                 eps: float = 1e-8, weight_decay: float = 0.5, capturable: bool | None = None):
         super().__init__(param_groups(student, weight_decay), lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, foreach=False)
         t_params, _ = _param_pairs(teacher, student)          # same names and shapes, or a clear error
@@ -61,7 +63,7 @@ class FusedEmaAdamW(torch.optim.AdamW):
             raise ValueError(f"optim.fused_update needs fp32 student and teacher parameters on one device, got "
                              f"dtypes {sorted({str(d) for d in bad}) or ['float32']} on {sorted(map(str, devices))}")
         self.device = devices.pop()
-        self.capturable = self.device.type == "cuda"
+        self.capturable = self.device.type == "cuda" if capturable is None else capturable
         with torch.no_grad():
             self.flat = [self._flatten(g["params"], [teacher_of[id(p)] for p in g["params"]])
                          for g in self.param_groups]
@@ -121,7 +123,7 @@ class FusedEmaAdamW(torch.optim.AdamW):
         that step updates them (the official ``before_step`` order)."""
         _check_momentum(momentum)
         self._momentum = momentum
-        if self.capturable and not torch.cuda.is_current_stream_capturing():
+        if self.capturable and not self._capturing():
             self._m.fill_(momentum)
             self._one_minus_m.fill_(1.0 - momentum)
 
@@ -137,6 +139,9 @@ class FusedEmaAdamW(torch.optim.AdamW):
             _check_momentum(momentum)
             self._m.fill_(momentum)
             self._one_minus_m.fill_(1.0 - momentum)
+
+    def _capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     @torch.no_grad()
     def ema(self, momentum: float | None = None) -> None:
@@ -160,7 +165,7 @@ class FusedEmaAdamW(torch.optim.AdamW):
         """One pass per group: the queued EMA (if any), then AdamW on the flat buffers."""
         if closure is not None:
             raise ValueError("FusedEmaAdamW.step takes no closure")
-        capturing = self.capturable and torch.cuda.is_current_stream_capturing()
+        capturing = self.capturable and self._capturing()
         for i, (group, f) in enumerate(zip(self.param_groups, self.flat)):
             self._check_grads(group, f)
             if self._momentum is not None:
