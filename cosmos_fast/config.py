@@ -124,8 +124,8 @@ class OptimSection:
     epochs: int = _f(32, "epochs; the cosine spans epochs × steps per epoch")
     grad_clip_norm: typing.Optional[float] = _f(None, "clip the global gradient norm (official: off)")
     fused_update: str = _f("auto", "teacher EMA + AdamW in one pass over flat fp32 buffers: auto (on for the "
-                           "single-process engine with torch_adamw and no fp16 loss scaler; off under DeepSpeed, "
-                           "which owns the optimizer), on or off (torch AdamW + the foreach EMA)")
+                           "single-process engine with torch_adamw; off under DeepSpeed, which owns the optimizer), "
+                           "on or off (torch AdamW + the foreach EMA)")
 
 
 @dataclass

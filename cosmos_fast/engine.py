@@ -334,8 +334,6 @@ def fused_update_enabled(cfg, deepspeed: bool) -> tuple[bool, str]:
         return False, "DeepSpeed's engine owns the optimizer and its partitions"
     if o != "torch_adamw":
         return False, f"distributed.optimizer = {o!r}"
-    if mode == "auto" and cfg.train.precision == "amp_fp16":
-        return False, "auto: not on with the fp16 loss scaler (untested there; optim.fused_update=on forces it)"
     return True, f"optim.fused_update = {mode}"
 
 

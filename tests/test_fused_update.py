@@ -183,7 +183,9 @@ def test_config_key_and_resolution(caplog):
     assert fused_update_enabled(auto, deepspeed=False)[0]
     on, why = fused_update_enabled(auto, deepspeed=True)
     assert not on and "DeepSpeed" in why
-    assert not fused_update_enabled(load_config("tiny-cpu", ["train.precision=amp_fp16"]), deepspeed=False)[0]
+    assert fused_update_enabled(load_config("tiny-cpu", ["train.precision=amp_fp16"]), deepspeed=False)[0]
+    assert not fused_update_enabled(load_config("tiny-cpu", ["distributed.optimizer=deepspeed_fused_adam"]),
+                                    deepspeed=False)[0]
     assert not fused_update_enabled(load_config("tiny-cpu", ["optim.fused_update=off"]), deepspeed=False)[0]
     s, t = _pair()
     with caplog.at_level(logging.INFO, logger="cosmos_fast"):
@@ -228,3 +230,27 @@ def test_capturable_path_close_to_separate_passes(device):
             torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=k)
     opt.sync_scalars(0.5)
     assert float(opt._m) == 0.5 and float(opt._lr[1]) == pytest.approx(LRS[2])
+
+
+def test_fp16_loss_scaler_skip_still_runs_the_ema():
+    """The GradScaler path (CPU scaler, fp32 model): the first step overflows and is skipped by the
+    scaler, its EMA still runs (as officially); then two normal steps. Bitwise equal to the separate
+    passes."""
+    results = []
+    for fused in (False, True):
+        s, t = _pair()
+        s0, t0 = s.text_projection.detach().clone(), t.text_projection.clone()
+        opt = _opts(s, t, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1e38, backoff_factor=1e-36, growth_interval=1000)
+        crops, text = _batch()
+        flags = []
+        for i in range(3):
+            flags.append(cosmos_train_step(s, t, CosmosLoss("reference"), opt, crops, text, momentum=MOMENTA[i],
+                                           scaler=scaler)["overflow"])
+            if i == 0:                  # skipped: the student stays, the teacher still averages it in
+                assert torch.equal(s.text_projection.detach(), s0)
+                torch.testing.assert_close(t.text_projection, MOMENTA[0] * t0 + (1 - MOMENTA[0]) * s0)
+        assert flags == [True, False, False]
+        results.append((s.state_dict(), t.state_dict()))
+    _assert_equal(results[1][0], results[0][0], "student")
+    _assert_equal(results[1][1], results[0][1], "teacher")
