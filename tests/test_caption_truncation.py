@@ -2,7 +2,7 @@
 only up to the batch's bucketed last end-of-text token; caption 0 keeps the full context.
 
 Exact by the causal mask: every output and every parameter gradient equals the full-length run up
-to the reassociation of shorter matrix products — fp32, each tensor within 2e-6 × its largest
+to the reassociation of shorter matrix products — fp32, each tensor within 1e-5 × its largest
 magnitude (not bitwise: the products over fewer rows sum in another order; the gradients of the
 shared weights gather terms from every position, so small entries carry the big ones' rounding).
 """
@@ -22,7 +22,7 @@ MODEL = dict(TINY_MODEL_16, text_cfg=dict(TINY_MODEL_16["text_cfg"], context_len
 def _close(got, ref, name):
     got, ref = got.detach(), ref.detach()
     err, scale = float((got - ref).abs().max()), float(ref.abs().max())
-    assert err <= 2e-6 * scale, f"{name}: max error {err:.3e} > 2e-6 × {scale:.3e}"
+    assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 × {scale:.3e}"
 
 
 def _captions(b, n_caps, eot_rest, eot_first=30, seed=0):
