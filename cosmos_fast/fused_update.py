@@ -19,7 +19,9 @@ instead of to each tensor: the result is bitwise equal (tests/test_fused_update.
 update calls ``torch._fused_adamw_`` (the kernel behind ``AdamW(fused=True)``, today's CUDA optimizer)
 on the flat buffers, with the step count, the learning rate and the EMA momentum held in device
 tensors, so the step can be captured in a CUDA graph (no ``.item()`` or host branch on a tensor
-value; :meth:`FusedEmaAdamW.sync_scalars` refreshes lr and momentum before each replay); there the EMA's (1 − m)·θ_S is rounded before the add, so it is close, not bitwise.
+value; :meth:`FusedEmaAdamW.sync_scalars` refreshes lr and momentum before each replay); there the
+kernel orders the AdamW arithmetic its own way and the EMA's (1 − m)·θ_S is rounded before the add,
+so it is close, not bitwise (tested on fixed gradients; the path also runs on CPU, ``capturable=True``).
 
 Gradients are views into the flat gradient buffer and stay allocated: ``zero_grad`` zeroes the buffer
 (whatever ``set_to_none`` says) and backward accumulates into it. A parameter that received no
