@@ -2,9 +2,11 @@
 
 Paths (same model weights, same pre-built batch, one process, one run)
   reference  repeat-the-context cross-attention pooling + the official per-pair B×B loss
-             (``pool_impl="reference"``, ``CosmosLoss("reference")``)
+             (``pool_impl="reference"``, ``CosmosLoss("reference")``), every caption at full length,
+             torch AdamW + the foreach EMA
   fast       shared-K/V pooling + the fused loss: Triton on CUDA (``fused``/``fused``), the same
-             algorithms in PyTorch on CPU (``shared``/``blockwise``)
+             algorithms in PyTorch on CPU (``shared``/``blockwise``), truncated captions
+             (``model.truncate_captions``), the EMA + AdamW in one pass (``optim.fused_update``)
 
 Each path is a full ``cosmos_fast.step.cosmos_train_step``: student forward (8 crops, 8 captions,
 two poolers), teacher forward (no grad), the 80-pair loss, backward, EMA of the teacher, AdamW step.
@@ -73,6 +75,7 @@ from cosmos_fast.ema import build_teacher  # noqa: E402
 from cosmos_fast.data.stream import StreamSpec, expand_shards  # noqa: E402
 from cosmos_fast.data.synthetic import write_demo_data  # noqa: E402
 from cosmos_fast.engine import AMP_DTYPES  # noqa: E402
+from cosmos_fast.fused_update import FusedEmaAdamW  # noqa: E402
 from cosmos_fast.ops.contrastive import CosmosLoss  # noqa: E402
 from cosmos_fast.model import create_model  # noqa: E402
 from cosmos_fast.model.attention import attention_backend  # noqa: E402
@@ -129,9 +132,14 @@ class TrainPath:
         self.student = copy.deepcopy(student)
         self.student.pool_impl = pool_impl
         self.teacher = copy.deepcopy(teacher)
+        # official-style: every caption at the full context (no truncation; model.truncate_captions)
+        self.student.truncate_captions = self.teacher.truncate_captions = name != "reference"
         self.loss_fn = CosmosLoss(loss_impl)
         extra = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = build_adamw(self.student, lr=1e-5, weight_decay=0.5, **extra)
+        if name == "reference":
+            self.optimizer = build_adamw(self.student, lr=1e-5, weight_decay=0.5, **extra)
+        else:                          # the EMA + AdamW in one pass over flat buffers (optim.fused_update)
+            self.optimizer = FusedEmaAdamW(self.student, self.teacher, lr=1e-5, weight_decay=0.5)
         self.device, self.amp_dtype = device, amp_dtype
         self.timer = PhaseTimer(enabled=False, device=device)
         self.times: list[float] = []

@@ -147,6 +147,7 @@ XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 step pytest_kernels 120 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_contrastive.py \
     tests/test_cross_pool.py tests/test_trainer.py::test_amp_training_on_cuda \
+    tests/test_fused_update.py tests/test_caption_truncation.py \
     --junitxml="$OUT/pytest_kernels.xml"
 
 # ------------------------------------------------------------------ 4. kernel microbenchmarks
@@ -157,6 +158,10 @@ step bench_cross_pool 40 "$PY" benchmarks/bench_cross_pool.py --reps 5 --warmup 
 # ------------------------------------------------------------------ 5. train step, ViT-B/16 at the official batch, + data
 step bench_train 100 "$PY" benchmarks/bench_train.py --model ViT-B-16 --batch 64 --warmup 2 --reps 5 \
     --data-samples 256 --data-batch 64 --data-workers 8 --results-dir "$OUT"
+
+# caption truncation × the fused EMA + AdamW, and the update alone (ViT-B/16, B = 64)
+step bench_update 60 "$PY" benchmarks/bench_update.py --model ViT-B-16 --batch 64 --warmup 2 --reps 5 \
+    --results-dir "$OUT"
 
 # torch.compile provider of the loss, only if time is left (compilation takes a while)
 if [ "$(remaining)" -gt 90 ]; then

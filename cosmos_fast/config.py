@@ -39,6 +39,7 @@ Optimizer = typing.Literal["torch_adamw", "deepspeed_fused_adam", "apex_fused_ad
 CollectiveBackend = typing.Literal["auto", "nccl", "gloo"]
 GradSemantics = typing.Literal["official", "exact"]
 RetrievalSplit = typing.Literal["official", "karpathy"]
+FusedUpdate = typing.Literal["auto", "on", "off"]
 
 CONTRASTIVE_IMPLS = typing.get_args(ContrastiveImpl)
 CROSS_POOL_IMPLS = typing.get_args(CrossPoolImpl)
@@ -57,6 +58,8 @@ OPTIMIZERS = typing.get_args(Optimizer)
 COLLECTIVE_BACKENDS = typing.get_args(CollectiveBackend)
 GRAD_SEMANTICS = typing.get_args(GradSemantics)
 RETRIEVAL_SPLITS = typing.get_args(RetrievalSplit)
+FUSED_UPDATES = typing.get_args(FusedUpdate)
+ON_OFF_FIELDS = ("optim.fused_update",)     # YAML reads a bare on/off as a bool: taken as "on"/"off"
 
 
 
@@ -74,6 +77,9 @@ class ModelSection:
     loss_impl: str = _f("auto", "contrastive loss: auto, fused (Triton), blockwise or reference (see cosmos_fast.ops)")
     attention: str = _f("sdpa", "attention backend of both towers: auto, sdpa, math, flash, xformers")
     grad_checkpointing: bool = _f(False, "recompute transformer blocks in backward to save memory")
+    truncate_captions: bool = _f(True, "run the captions whose token features no pooler reads (student captions "
+                                 "1+, the teacher's) only up to the batch's last end-of-text token, in lengths "
+                                 "of 16, 32, ... (exact: the text tower is causal)")
 
 
 @dataclass
@@ -117,6 +123,9 @@ class OptimSection:
     warmup: int = _f(2000, "linear warm-up steps, then cosine to 0")
     epochs: int = _f(32, "epochs; the cosine spans epochs × steps per epoch")
     grad_clip_norm: typing.Optional[float] = _f(None, "clip the global gradient norm (official: off)")
+    fused_update: str = _f("auto", "teacher EMA + AdamW in one pass over flat fp32 buffers: auto (on for the "
+                           "single-process engine with torch_adamw; off under DeepSpeed, which owns the optimizer), "
+                           "on or off (torch AdamW + the foreach EMA)")
 
 
 @dataclass
@@ -263,6 +272,8 @@ def _coerce(path: str, value, hint):
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and path in ON_OFF_FIELDS:
+            return "on" if value else "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"config field {path} expects {getattr(hint, '__name__', hint)}, got {value!r}")
@@ -388,6 +399,7 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
     _choice("distributed.backend", z.backend, DIST_BACKENDS)
     _choice("distributed.zero_stage", z.zero_stage, ZERO_STAGES)
     _choice("distributed.optimizer", z.optimizer, OPTIMIZERS)
+    _choice("optim.fused_update", cfg.optim.fused_update, FUSED_UPDATES)
     _choice("distributed.dist_backend", z.dist_backend, COLLECTIVE_BACKENDS)
     _choice("distributed.grad_semantics", z.grad_semantics, GRAD_SEMANTICS)
     _choice("eval.retrieval_split", cfg.eval.retrieval_split, RETRIEVAL_SPLITS)
@@ -396,6 +408,12 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
     if z.timeout_minutes < 1 or z.keep_last < 1:
         raise ConfigError(f"distributed.timeout_minutes ({z.timeout_minutes}) and distributed.keep_last "
                           f"({z.keep_last}) must be >= 1")
+    if o.fused_update == "on" and z.optimizer != "torch_adamw":
+        raise ConfigError(f"config field optim.fused_update = 'on' replaces torch AdamW, but distributed.optimizer = "
+                          f"{z.optimizer!r}: set optim.fused_update=auto or off")
+    if o.fused_update == "on" and (z.backend == "deepspeed" or z.backend == "auto" and world_size > 1):
+        raise ConfigError("config field optim.fused_update = 'on' but this run uses DeepSpeed, whose engine owns the "
+                          "optimizer: set optim.fused_update=auto or off")
     if world_size > 1 and z.backend == "none":
         raise ConfigError(f"distributed.backend = 'none' but the launcher started {world_size} ranks")
     for path, value, lo in [("data.batch_size", d.batch_size, 1), ("data.train_num_samples", d.train_num_samples, 1),

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from .checkpointing import retention
 from .config import OPTIMIZERS
 from .ema import SCALE_NAMES, clamp_logit_scales, ema_update
+from .fused_update import FusedEmaAdamW
 from .model.checkpoint import atomic_torch_save, check_deepspeed_files, save_checkpoint, torch_load
 from .model.cosmos import LOGIT_SCALE_MAX
 from .optim import build_adamw, param_groups
@@ -65,7 +66,10 @@ class LocalEngine:
     """One process on CPU or one GPU: autocast, the fp16 GradScaler, the optimizer, gradient clipping.
 
     ``autocast``: a context entered around the forward and the loss (None: none); ``scaler``: a
-    ``torch.amp.GradScaler`` for fp16 (None: none); ``grad_clip_norm``: clip the global norm."""
+    ``torch.amp.GradScaler`` for fp16 (None: none); ``grad_clip_norm``: clip the global norm.
+
+    With a :class:`cosmos_fast.fused_update.FusedEmaAdamW` optimizer (``fused_ema``), the official
+    order's EMA runs inside the optimizer's pass (:meth:`optimizer_step` with ``ema_momentum``)."""
 
     name = "single process"
     stage = 0
@@ -77,6 +81,7 @@ class LocalEngine:
         self.autocast, self.scaler, self.grad_clip_norm = autocast, scaler, grad_clip_norm
         self.model = student                   # what the student forward calls
         self.teacher_forward = teacher
+        self.fused_ema = isinstance(optimizer, FusedEmaAdamW)
 
     # -- the step's primitives
     def zero_grad(self) -> None:
@@ -95,10 +100,17 @@ class LocalEngine:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def ema(self, momentum: float) -> None:
-        ema_update(self.teacher, self.student, momentum)
+        if self.fused_ema:
+            self.optimizer.ema(momentum)          # the same formula over the flat buffers
+        else:
+            ema_update(self.teacher, self.student, momentum)
 
-    def optimizer_step(self) -> bool:
-        """Clip (after unscaling), step; True when the fp16 scaler found inf/nan gradients and skipped it."""
+    def optimizer_step(self, ema_momentum: float | None = None) -> bool:
+        """Clip (after unscaling), step; True when the fp16 scaler found inf/nan gradients and skipped it.
+        ``ema_momentum`` (fused optimizer only): the teacher EMA from the current student weights runs
+        first, in the optimizer's pass — and on its own when the scaler skips the step."""
+        if ema_momentum is not None:
+            self.optimizer.set_ema(ema_momentum)
         if self.grad_clip_norm is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -109,6 +121,8 @@ class LocalEngine:
         scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if ema_momentum is not None:
+            self.optimizer.ema()                  # still queued only if the scaler skipped the step
         return self.scaler.get_scale() < scale_before
 
     def clamp(self) -> None:
@@ -162,6 +176,7 @@ class DeepSpeedEngine:
 
     name = "DeepSpeed"
     writes_files = False           # its checkpoint is a tag folder; a file gives it weights only
+    fused_ema = False              # its engine owns the optimizer: the EMA is a pass of its own
 
     def __init__(self, cfg, student, teacher, optimizer, *, rank: int, world: int, amp_dtype=None,
                  config_out: Path | None = None):
@@ -291,7 +306,15 @@ class _Fp32Inputs:
 def build_engine(cfg, student, teacher, device: torch.device, *, rank: int = 0, world: int = 1,
                  deepspeed: bool = False, config_out: Path | None = None):
     """The engine the config asks for, with the configured optimizer over the student."""
-    optimizer = build_optimizer(cfg, student)
+    fused, why = fused_update_enabled(cfg, deepspeed)
+    if fused:
+        o = cfg.optim
+        optimizer = FusedEmaAdamW(student, teacher, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+        log.info("optim.fused_update: teacher EMA + AdamW in one pass over flat fp32 buffers (%s)", why)
+    else:
+        optimizer = build_optimizer(cfg, student)
+        log.info("optim.fused_update off: %s", why)
     amp_dtype = AMP_DTYPES[cfg.train.precision]
     if deepspeed:
         return DeepSpeedEngine(cfg, student, teacher, optimizer, rank=rank, world=world, amp_dtype=amp_dtype,
@@ -300,6 +323,18 @@ def build_engine(cfg, student, teacher, device: torch.device, *, rank: int = 0, 
                        autocast=torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None,
                        scaler=torch.amp.GradScaler("cuda") if cfg.train.precision == "amp_fp16" else None,
                        grad_clip_norm=cfg.optim.grad_clip_norm)
+
+
+def fused_update_enabled(cfg, deepspeed: bool) -> tuple[bool, str]:
+    """Whether ``optim.fused_update`` resolves on for this run, and why (for the log)."""
+    mode, o = cfg.optim.fused_update, cfg.distributed.optimizer
+    if mode == "off":
+        return False, "optim.fused_update = off"
+    if deepspeed:
+        return False, "DeepSpeed's engine owns the optimizer and its partitions"
+    if o != "torch_adamw":
+        return False, f"distributed.optimizer = {o!r}"
+    return True, f"optim.fused_update = {mode}"
 
 
 def env_world() -> tuple[int, int, int]:

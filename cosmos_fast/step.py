@@ -67,11 +67,12 @@ def train_step(engine, loss_fn, crops, captions, momentum: float, ema_order: str
         return out
     with timer.phase("backward"):
         engine.backward(losses["loss"])
-    if ema_order == "before_step":
+    fused = ema_order == "before_step" and getattr(engine, "fused_ema", False)
+    if ema_order == "before_step" and not fused:
         with timer.phase("ema"):
             engine.ema(momentum)
-    with timer.phase("optimizer"):
-        out["overflow"] = engine.optimizer_step()
+    with timer.phase("optimizer"):         # fused: the EMA runs first inside the optimizer's pass
+        out["overflow"] = engine.optimizer_step(ema_momentum=momentum) if fused else engine.optimizer_step()
     if ema_order == "after_step":
         with timer.phase("ema"):
             engine.ema(momentum)

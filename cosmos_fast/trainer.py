@@ -159,7 +159,8 @@ class Trainer:
 
         # build: identical student on every rank (seed + 0), then seed + rank (official main.py)
         seed_everything(cfg.train.seed)
-        student = create_model(cfg.model.name, pool_impl=cfg.model.pool_impl).to(self.device)
+        student = create_model(cfg.model.name, pool_impl=cfg.model.pool_impl,
+                               truncate_captions=cfg.model.truncate_captions).to(self.device)
         student.set_grad_checkpointing(cfg.model.grad_checkpointing)
         teacher = build_teacher(student)               # fp32, before any partitioning
         seed_everything(cfg.train.seed + self.rank)

@@ -4,6 +4,16 @@ Parameter names, shapes and state-dict order are those of the official COSMOS ch
 (cosmos_method.md §1.10): the text tower sits at the top level (``transformer.*``,
 ``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection``), the image pooler
 at ``visual.attn_cross_pool`` and the text pooler at ``text_attn_cross_pool``.
+
+Caption truncation (``truncate_captions``, config ``model.truncate_captions``). The text tower is
+causal and pools the first end-of-text token (the argmax id, as open_clip), so a caption's global
+feature does not depend on any position after that token. Only caption 0's token features feed a
+pooler (the image pooler's context, cosmos_method.md §1.6); student captions 1+ and the teacher's
+captions are therefore run only up to the batch's last end-of-text position, rounded up to a multiple
+of :data:`TEXT_BUCKET` (few distinct shapes), with the positional table and the causal mask sliced to
+that length. The result equals the full-length run up to floating-point reassociation in the shorter
+matrix products (tests/test_caption_truncation.py). Finding the length reads one integer from the
+device (a host sync on CUDA); :func:`executed_text_tokens` counts the tokens a step then runs.
 """
 from __future__ import annotations
 
@@ -22,6 +32,38 @@ from .pooler import CrossAttentionPooler
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
+TEXT_BUCKET = 16          # truncated caption lengths are multiples of this (or the full context)
+
+
+def truncated_length(text: torch.Tensor, context_length: int, bucket: int = TEXT_BUCKET) -> int:
+    """The length the rows of ``text`` (N × L token ids) are run at: one past the last row's first
+    end-of-text (argmax) position, rounded up to a multiple of ``bucket``, at most ``context_length``."""
+    if text.shape[0] == 0:
+        return context_length
+    last = int(text.argmax(dim=-1).max())
+    return min(context_length, -(-(last + 1) // bucket) * bucket)
+
+
+def text_runs(captions: torch.Tensor, batch_size: int, context_length: int, truncate: bool = True) -> dict:
+    """The text-tower calls of one COSMOS step as (rows, length) pairs, for the student (all
+    caption-major ``captions``) and the teacher (the first two captions)."""
+    b, n = batch_size, captions.shape[0]
+    if not truncate:
+        return {"student": [(n, context_length)], "teacher": [(min(n, 2 * b), context_length)]}
+    rest = truncated_length(captions[b:], context_length)
+    student = [(n, context_length)] if rest == context_length else [(b, context_length), (n - b, rest)]
+    return {"student": student, "teacher": [(min(n, 2 * b), truncated_length(captions[:2 * b], context_length))]}
+
+
+def executed_text_tokens(captions: torch.Tensor, batch_size: int, context_length: int, truncate: bool = True) -> dict:
+    """Text tokens one COSMOS step runs through the towers: ``student`` / ``teacher`` as executed
+    (with ``truncate``), and ``official_student`` / ``official_teacher`` at the full context for every
+    caption. Per token the tower's FLOPs are linear in these counts, except attention's (rows × length²)."""
+    runs = text_runs(captions, batch_size, context_length, truncate)
+    full = text_runs(captions, batch_size, context_length, truncate=False)
+    count = lambda r: sum(rows * length for rows, length in r)             # noqa: E731
+    return {"student": count(runs["student"]), "teacher": count(runs["teacher"]),
+            "official_student": count(full["student"]), "official_teacher": count(full["teacher"])}
 
 
 class VisionTower(nn.Module):
@@ -76,10 +118,11 @@ class VisionTower(nn.Module):
 
 
 class CosmosCLIP(nn.Module):
-    def __init__(self, cfg: ModelConfig, pool_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, pool_impl: str = "auto", truncate_captions: bool = True):
         super().__init__()
         self.cfg = cfg
         self.pool_impl = pool_impl
+        self.truncate_captions = truncate_captions        # see the module docstring
         v, t, d = cfg.vision_cfg, cfg.text_cfg, cfg.embed_dim
         self.embed_dim = d
         self.context_length, self.vocab_size = t.context_length, t.vocab_size
@@ -140,13 +183,24 @@ class CosmosCLIP(nn.Module):
             raise ValueError(f"caption token ids must lie in [0, {self.vocab_size}), got range "
                              f"[{int(text.min())}, {int(text.max())}]")
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
+    def encode_text(self, text: torch.Tensor, normalize: bool = True, return_tokens: bool = False,
+                    truncate: bool | None = None):
         """Global text embedding (N×D) from the first EOT (argmax id); with ``return_tokens`` also
-        all positions after ``ln_final`` (N×L×width, not mapped)."""
+        all positions after ``ln_final`` (N×L×width, not mapped). ``truncate`` (default: the model's
+        ``truncate_captions`` unless tokens are returned) runs the rows only up to their bucketed last
+        end-of-text position (module docstring)."""
         self._check_text(text)
-        x = self.token_embedding(text) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        eot = text.argmax(dim=-1)
+        if truncate is None:
+            truncate = self.truncate_captions and not return_tokens
+        elif truncate and return_tokens:
+            raise ValueError("encode_text: truncate=True returns no token features for the cut positions; "
+                             "pass return_tokens=False")
+        length = truncated_length(text, self.context_length) if truncate else self.context_length
+        pos = self.positional_embedding[:length] if length < self.context_length else self.positional_embedding
+        x = self.token_embedding(text[:, :length]) + pos.to(self.token_embedding.weight.dtype)
         x = self.ln_final(self.transformer(x, causal=True))
-        pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         g = pooled @ self.text_projection
         if normalize:
             g = F.normalize(g, dim=-1)
@@ -204,12 +258,22 @@ class CosmosCLIP(nn.Module):
             start = end
         return torch.cat(feats), tokens
 
+    def _encode_captions(self, captions: torch.Tensor, b: int):
+        """Caption 0 at full length (its tokens are the image pooler's context), the others truncated
+        when ``truncate_captions`` cuts anything; otherwise one call for all."""
+        if self.truncate_captions and captions.shape[0] > b:
+            if truncated_length(captions[b:], self.context_length) < self.context_length:
+                g0, tokens = self.encode_text(captions[:b], normalize=False, return_tokens=True)
+                rest = self.encode_text(captions[b:], normalize=False, truncate=True)
+                return torch.cat([g0, rest]), tokens
+        return self.encode_text(captions, normalize=False, return_tokens=True)
+
     def forward_multicrop(self, crops, captions: torch.Tensor, batch_size: int) -> dict:
         b = batch_size
         n_caps = self._check_multicrop(crops, captions, b)
         n_crops = len(crops)
         f, img_tokens = self._encode_crop_runs(crops)                     # (n_crops·B)×D
-        g, txt_tokens = self.encode_text(captions, normalize=False, return_tokens=True)
+        g, txt_tokens = self._encode_captions(captions, b)                 # (n_caps·B)×D, caption 0's tokens
         # contexts: global crop 0 and global caption 0 only; mappings only on the rows used
         p_img = self.image_token_mapping(img_tokens[:b])                   # B × g² × D
         p_txt = self.text_token_mapping(txt_tokens[:b])                    # B × L × D
@@ -246,12 +310,13 @@ def _scalars_from_0d(module, state_dict, prefix, local_metadata, strict, missing
             state_dict[key] = state_dict[key].reshape(1)
 
 
-def create_model(cfg="tiny", device=None, dtype=None, pool_impl: str = "auto") -> CosmosCLIP:
+def create_model(cfg="tiny", device=None, dtype=None, pool_impl: str = "auto",
+                 truncate_captions: bool = True) -> CosmosCLIP:
     """Build a COSMOS CLIP from a name (``"ViT-B-16"``, ``"ViT-B-32"``, ``"tiny"``, any open_clip
     ViT config) or an open_clip-style dict. Weights are random (official initialisation)."""
     cfg = resolve_model_config(cfg)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = CosmosCLIP(cfg, pool_impl=pool_impl)
+        model = CosmosCLIP(cfg, pool_impl=pool_impl, truncate_captions=truncate_captions)
     if dtype is not None:
         model = model.to(dtype)
     return model
