@@ -60,7 +60,7 @@ from ..ops.contrastive_chunks import DEFAULT_WORKSPACE_BYTES, block_index, chunk
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-INTERPRET_CONFIG = {"BM": 32, "BN": 32, "BK": 32}       # the interpreter's one fixed config
+INTERPRET_CONFIG = {"BM": 32, "BN": 32, "BK": 64}       # the interpreter's one fixed config
 SPLIT_TARGET = None      # programs the forward grid aims for (None: 2 per SM on CUDA, 1 = no split on CPU)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
