@@ -333,8 +333,16 @@ def test_fake_impls_and_torch_compile():
 
 
 # ----------------------------------------------------------------------------- two gloo ranks
-def _rank_worker(rank, world, init_file, result_dir, impl, semantics):
+def _rank_worker(rank, world, init_file, result_dir, impl, semantics, api):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    reductions = []
+    all_reduce = dist.all_reduce
+
+    def recording_all_reduce(t, op=dist.ReduceOp.SUM, **kw):
+        reductions.append((str(op), str(t.dtype), tuple(t.shape)))
+        return all_reduce(t, op=op, **kw)
+
+    dist.all_reduce = recording_all_reduce
     try:
         x, p = make(b=12, d=24, n_crops=4, n_caps=3, seed=5)            # the global batch of 12 rows/crop
         b = 12 // world
@@ -344,27 +352,42 @@ def _rank_worker(rank, world, init_file, result_dir, impl, semantics):
             rows = v.detach().view(n, 12, -1)[:, rank * b:(rank + 1) * b].reshape(n * b, -1)
             local[k] = rows.clone().requires_grad_(v.requires_grad)
         p = p.detach().clone().requires_grad_()
-        out, grads = run(impl, local, p, b, grad_semantics=semantics)
-        torch.save({"out": {k: v.detach() for k, v in out.items()}, "grads": grads},
-                   os.path.join(result_dir, f"{impl}-{semantics}-{rank}.pt"))
+        if api == "list":
+            local = as_lists(local, b)
+            out = CosmosLoss(impl, grad_semantics=semantics)(logit_scale=p[0].exp(), distill_logit_scale=p[1].exp(),
+                                                              output_dict=True, **local)
+            blocks = [local[k] for k in local if not k.startswith("t_")]
+            grads = torch.autograd.grad(out["distill_loss"] + out["clip_loss"], [t for v in blocks for t in v] + [p],
+                                        allow_unused=True)
+            it, merged = iter(grads), []
+            for v in blocks:              # per-block gradients back to the tensor layout (unused crops: 0)
+                merged.append(torch.cat([g if g is not None else torch.zeros_like(t) for t, g in zip(v, it)]))
+            grads = (*merged, next(it))
+        else:
+            out, grads = run(impl, local, p, b, grad_semantics=semantics)
+        torch.save({"out": {k: v.detach() for k, v in out.items()}, "grads": grads, "reductions": reductions},
+                   os.path.join(result_dir, f"{impl}-{semantics}-{api}-{rank}.pt"))
     finally:
+        dist.all_reduce = all_reduce
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("impl,semantics", [
-    pytest.param("fused", "official", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("impl,semantics,api", [
+    pytest.param("fused", "official", "tensor", marks=pytest.mark.skipif(
         CUDA, reason="gloo ranks hold CPU tensors; the fused kernels take CPU tensors only under the interpreter")),
-    ("blockwise", "official"), ("blockwise", "exact")])
-def test_two_ranks_equal_one_process(tmp_path, impl, semantics):
+    ("blockwise", "official", "tensor"), ("blockwise", "exact", "list")])
+def test_two_ranks_equal_one_process(tmp_path, impl, semantics, api):
+    """Two ranks give the one-process loss and gradients; the column statistics are completed by
+    one SUM all-reduce of fp64 sums per group (no MAX reduction)."""
     world = 2
-    mp.spawn(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path), impl, semantics),
+    mp.spawn(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path), impl, semantics, api),
              nprocs=world, join=True)
     x, p = make(b=12, d=24, n_crops=4, n_caps=3, seed=5)
     ref, g_ref = run("reference", x, p, 12)
     names = [k for k, v in x.items() if v.requires_grad]
     factor = world if semantics == "exact" else 1
     for rank in range(world):
-        res = torch.load(tmp_path / f"{impl}-{semantics}-{rank}.pt", weights_only=True)
+        res = torch.load(tmp_path / f"{impl}-{semantics}-{api}-{rank}.pt", weights_only=True)
         for k in ref:                        # every rank reports the global loss
             assert_close(res["out"][k], ref[k].detach())
         for name, g, gr in zip(names, res["grads"][:-1], g_ref[:-1]):
@@ -372,6 +395,10 @@ def test_two_ranks_equal_one_process(tmp_path, impl, semantics):
             mine = gr.view(n, 12, -1)[:, rank * 6:(rank + 1) * 6].reshape(n * 6, -1)
             assert_close(g, factor * mine, grad=True, msg=name)
         assert_close(res["grads"][-1], g_ref[-1], grad=True)   # full ∇τ
+        ops = res["reductions"]
+        assert not any("MAX" in op for op, _, _ in ops), ops
+        col_sums = [shape for op, dtype, shape in ops if dtype == "torch.float64" and len(shape) == 3]
+        assert sorted(col_sums) == sorted([(2, 3, 12)] + [(4, 2, 12)] * 2 + [(3, 2, 12)] * 2), ops   # one per group
 
 
 # ------------------------------------------------ the reference against a hand-written loop
