@@ -77,8 +77,8 @@ class ModelSection:
     loss_operands: str = _f("auto", "dtype of the loss's similarity products: auto (bf16 with the fused loss in an AMP "
                             "run on CUDA, else the features' own), bf16, or fp32 (fp32 / TF32 dots as "
                             "torch.set_float32_matmul_precision says); accumulation is fp32 in every case")
-    loss_workspace_mb: int = _f(256, "MB of the loss backward's logit-gradient workspace (fused and blockwise; "
-                                "independent of the batch, >= 1)")
+    loss_workspace_mb: int = _f(256, "MB of the loss backward's logit-gradient workspace, independent of the batch "
+                                "(>= 1; the blockwise CPU path uses at most its own cache-sized chunk)")
     attention: str = _f("sdpa", "attention backend of both towers: auto, sdpa, math, flash, xformers")
     grad_checkpointing: bool = _f(False, "recompute transformer blocks in backward to save memory")
 

@@ -569,3 +569,53 @@ def test_fused_low_precision_on_gpu(dtype, b, d):
         assert_within_twice_torch_error(out[k], low_ref[k], ref[k], f"fused {dtype} {k}")
     for i, (a, al, r) in enumerate(zip(g, g_low_ref, g_ref)):
         assert_within_twice_torch_error(a, al, r, f"fused {dtype} grad {i}")
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 operands on the fused kernels need CUDA")
+def test_fused_bf16_operands_on_gpu():
+    """fp32 features (what autocast hands the loss) with operands='bf16': within 2× the error of the
+    torch path on bf16 copies of the features, against fp64."""
+    b, d = 512, 512
+    x64, p = make(b=b, d=d, n_crops=8, n_caps=8, dtype=torch.float64, device="cuda")
+    ref, g_ref = run("reference", *clone(x64, p.double()), b)
+    x32 = {k: v.detach().float().requires_grad_(v.requires_grad) for k, v in x64.items()}
+    xl = {k: v.detach().bfloat16().requires_grad_(v.requires_grad) for k, v in x64.items()}
+    low_ref, g_low_ref = run("reference", *clone(xl, p), b)
+    out, g = run("fused", *clone(x32, p), b, operands="bf16")
+    for k in ref:
+        assert_within_twice_torch_error(out[k], low_ref[k], ref[k], f"fused bf16 operands {k}")
+    for i, (a, al, r) in enumerate(zip(g, g_low_ref, g_ref)):
+        assert a.dtype == torch.float32
+        assert_within_twice_torch_error(a, al, r, f"fused bf16 operands grad {i}")
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled-kernel checks need CUDA")
+@pytest.mark.parametrize("b,dtype", [(1024, torch.bfloat16), (32, torch.bfloat16), (256, torch.float32)])
+def test_compiled_kernels_on_gpu(b, dtype):
+    """The kernels the autotuner picked: wgmma on Hopper (16-bit operands), no register spills, shared
+    memory within the device's limit."""
+    import triton
+
+    import cosmos_fast.kernels.contrastive as k
+
+    torch.manual_seed(0)
+    n = 4 * b                                   # B < N: the swapped roles, as with 4 ranks
+    us = [F.normalize(torch.randn(2 * b, 512, device="cuda"), dim=-1).to(dtype)]
+    vs = [F.normalize(torch.randn(2 * n, 512, device="cuda"), dim=-1).to(dtype)]
+    tau = torch.tensor(20.0, device="cuda")
+    rlse, csum = k.contrastive_fwd(us, vs, tau, b, n)
+    k.contrastive_bwd(us, vs, tau, rlse, (20.0 + csum.log()).float(), torch.ones(2, 2, device="cuda"), b, n, True,
+                      1 << 28)
+    torch.cuda.synchronize()
+    compiled = k.compiled_kernels()
+    assert compiled["fwd"] and compiled["grad"]
+    limit = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for name, kernels in compiled.items():
+        for kern in kernels:
+            print(name, kern.metadata.name, "spills", kern.n_spills, "shared", kern.metadata.shared,
+                  "wgmma", "wgmma" in kern.asm["ptx"])
+            assert kern.n_spills == 0, (name, kern.metadata)
+            assert kern.metadata.shared <= limit
+            if hopper and dtype != torch.float32:
+                assert "wgmma" in kern.asm["ptx"], (name, kern.metadata)

@@ -10,11 +10,13 @@ Notation: U (B×D) student rows on this rank, V (N×D) target columns gathered f
 
     ℓ = 1/(2·B_g) · [Σ_i (rlse_i − S_ii) + Σ_j (clse_j − S_jj)]
 
-with rlse complete on the rank owning row i, and clse_j = logsumexp over the rows of all ranks:
-an all-reduce of the column maxima (MAX) and then of the shifted sums (SUM), so no fixed shift can
-underflow (τ up to 100). Each rank adds the column terms of the columns it owns; the per-pair
-totals and the diagonal terms are summed across ranks, so every rank returns the global loss,
-exactly as the official code (which computes the whole B_g×B_g loss on every rank).
+with rlse complete on the rank owning row i, and clse_j = logsumexp over the rows of all ranks.
+The backends return each column's partial sum against the fixed reference τ, C_j = Σ_i exp(S_ij − τ)
+in fp64 (exact for normalised features, |S| ≤ τ: the terms lie in [e^(−2τ), 1]; far-out inputs
+overflow to a non-finite loss, they are never silently wrong), so ONE SUM all-reduce of C completes
+the columns across ranks and clse = τ + log C. Each rank adds the column terms of the columns it
+owns; the per-pair totals and the diagonal terms are summed across ranks, so every rank returns
+the global loss, exactly as the official code (which computes the whole B_g×B_g loss on every rank).
 
 Gradients (``grad_semantics="official"``, the default): the backward of the LSE op is the gradient
 of the *global* loss restricted to this rank's rows; gathered student targets send their gradient
@@ -29,13 +31,20 @@ the two teacher tensors (no grad). The COSMOS total is
     L_clip   = mean over (c ∈ {0,1}, k) of ℓ(Î_c, T̂_k; τ)                           16 pairs
     L_cosmos = ¼ [L(XI, Ī) + L(XI, T̄) + L(XT, Ī) + L(XT, T̄)] with τ_d                 64 pairs
 
+Inputs are read where they are: a group's students and targets are lists of tensors holding whole
+B- (N-) row blocks — the model's (n·B, D) tensors, or the official API's list of B×D tensors — and
+each tensor gets its own gradient; nothing is concatenated. ``operands`` (``model.loss_operands``)
+casts the LSE part's inputs (e.g. to bf16 for tensor cores; accumulation stays fp32, the diagonal
+term uses the features themselves).
+
 Memory: forward saves the row log-sum-exps (P,Q,B) and column log-sum-exps (P,Q,N) per group;
-backward recomputes S tile by tile.
+backward recomputes S tile by tile and holds the logit gradient only in a workspace of bounded size
+(``model.loss_workspace_mb``; :mod:`cosmos_fast.ops.contrastive_chunks`).
 
 Implementations here: :func:`blockwise_fwd` / :func:`blockwise_bwd` (PyTorch tiles, the kernel's
-CPU twin with its exact contract), the fused kernels of ``kernels/contrastive.py`` (imported on
-first use: triton is an optional dependency), the autograd and distributed glue around both
-(:func:`cosmos_loss_fast`), and :class:`CosmosLoss`.
+CPU twin with its exact contract and algorithm), the fused kernels of ``kernels/contrastive.py``
+(imported on first use: triton is an optional dependency), the autograd and distributed glue around
+both (:func:`cosmos_loss_fast`), and :class:`CosmosLoss`.
 """
 from __future__ import annotations
 
@@ -281,14 +290,64 @@ def _targets_layout(x: torch.Tensor, count: int, b: int, w: int) -> torch.Tensor
     return x.view(w, count, b, -1).transpose(0, 1).reshape(count * w * b, -1)
 
 
-def _diag(us, vs, tau, b, n, offset):
-    """τ·U_p[i]·V_q[offset + i] summed over i: (P, Q), one small matmul per (student, target) tensor
-    (views of the inputs: no B×D copies when W = 1)."""
-    acc = torch.promote_types(us[0].dtype, torch.float32)
-    ups = [x.reshape(x.shape[0] // b, -1).to(acc) for x in us]
-    vqs = [y.view(y.shape[0] // n, n, -1)[:, offset:offset + b].reshape(y.shape[0] // n, -1).to(acc) for y in vs]
-    rows = [torch.cat([up @ vq.T for vq in vqs], dim=1) if len(vqs) > 1 else up @ vqs[0].T for up in ups]
-    return tau.to(acc) * (torch.cat(rows) if len(rows) > 1 else rows[0])
+class _Diag(torch.autograd.Function):
+    """τ·Σ_i U_p[i]·V_q[offset + i] for every pair: (P, Q), in fp32 (fp64 for fp64 inputs).
+
+    Forward: one small matmul per (student, target) tensor on views of the inputs (no B×D copies
+    when W = 1). Backward writes each tensor's gradient into one buffer with in-place products, so
+    list inputs cost no per-block temporaries."""
+
+    @staticmethod
+    def forward(ctx, tau, spec, *blocks):
+        n_u, b, n, offset = spec
+        us, vs = blocks[:n_u], blocks[n_u:]
+        acc = torch.promote_types(us[0].dtype, torch.float32)
+        ups = [x.reshape(x.shape[0] // b, -1).to(acc) for x in us]
+        vqs = _diag_rows(vs, b, n, offset, acc)
+        dots = torch.cat([torch.cat([up @ vq.T for vq in vqs], dim=1) for up in ups])
+        ctx.save_for_backward(tau, dots, *blocks)
+        ctx.spec = spec
+        return tau.to(acc) * dots
+
+    @staticmethod
+    def backward(ctx, grad):
+        tau, dots, *blocks = ctx.saved_tensors
+        n_u, b, n, offset = ctx.spec
+        us, vs = blocks[:n_u], blocks[n_u:]
+        acc = dots.dtype
+        gt = grad.to(acc) * tau.to(acc)
+        ups = [x.reshape(x.shape[0] // b, -1).to(acc) for x in us]
+        vqs = _diag_rows(vs, b, n, offset, acc)
+        p_at = [0] + [sum(u.shape[0] for u in ups[:i + 1]) for i in range(len(ups))]
+        q_at = [0] + [sum(v.shape[0] for v in vqs[:i + 1]) for i in range(len(vqs))]
+        du = []
+        for i, (x, up) in enumerate(zip(us, ups)):
+            d = torch.zeros_like(up)
+            if ctx.needs_input_grad[2 + i]:
+                for j, vq in enumerate(vqs):
+                    d.addmm_(gt[p_at[i]:p_at[i + 1], q_at[j]:q_at[j + 1]], vq)
+            du.append(d.view(x.shape).to(x.dtype) if ctx.needs_input_grad[2 + i] else None)
+        dv = []
+        for j, (y, vq) in enumerate(zip(vs, vqs)):
+            if not ctx.needs_input_grad[2 + n_u + j]:
+                dv.append(None)
+                continue
+            d = torch.zeros_like(vq)
+            for i, up in enumerate(ups):
+                d.addmm_(gt[p_at[i]:p_at[i + 1], q_at[j]:q_at[j + 1]].T, up)
+            if n == b:
+                dv.append(d.view(y.shape).to(y.dtype))
+            else:                   # only the rows offset..offset+B of each target block get a gradient
+                full = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+                full.view(y.shape[0] // n, n, -1)[:, offset:offset + b] = d.view(-1, b, y.shape[1])
+                dv.append(full)
+        return ((grad * dots).sum().reshape(tau.shape).to(tau.dtype) if ctx.needs_input_grad[0] else None, None,
+                *du, *dv)
+
+
+def _diag_rows(vs, b, n, offset, acc):
+    """Each target tensor's rows offset..offset+B of every block, flattened: (blocks, B·D)."""
+    return [y.view(y.shape[0] // n, n, -1)[:, offset:offset + b].reshape(y.shape[0] // n, -1).to(acc) for y in vs]
 
 
 def _as_operands(xs, dtype):
@@ -314,7 +373,7 @@ def group_pair_losses(us, vs, tau, b: int, impl: str, need_dv: bool, operands: t
         lu, lv = _as_operands(us, operands), _as_operands(vs, operands)
         spec = (len(lu), b, n, impl, need_dv, workspace_bytes)
         lse = _PairLSE.apply(tau, spec, *lu, *lv)
-        diag = _diag(us, vs, tau, b, n, rank * b)
+        diag = _Diag.apply(tau, (len(us), b, n, rank * b), *us, *vs)
     if w > 1:
         diag = _SumAcrossRanks.apply(diag)
     return (lse - 2 * diag) / (2 * n)
