@@ -23,6 +23,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 # stack, the ops switch, the EMA) are written here too, so the config imports nothing from the
 # package; tests/test_config_choices.py checks they equal the implementing modules' tuples.
 ContrastiveImpl = typing.Literal["fused", "blockwise", "reference"]
+LossOperands = typing.Literal["auto", "bf16", "fp32"]
 CrossPoolImpl = typing.Literal["fused", "absorbed", "shared", "reference"]
 AugmentImpl = typing.Literal["auto", "torchvision", "fused"]
 CaptionMode = typing.Literal["textcrop", "textcrop_pixelprose"]
@@ -42,6 +43,7 @@ RetrievalSplit = typing.Literal["official", "karpathy"]
 FusedUpdate = typing.Literal["auto", "on", "off"]
 
 CONTRASTIVE_IMPLS = typing.get_args(ContrastiveImpl)
+LOSS_OPERANDS = typing.get_args(LossOperands)
 CROSS_POOL_IMPLS = typing.get_args(CrossPoolImpl)
 AUGMENT_IMPLS = typing.get_args(AugmentImpl)
 MODES = typing.get_args(CaptionMode)
@@ -75,6 +77,11 @@ class ModelSection:
     pool_impl: str = _f("auto", "cross-attention pooling: auto, fused (Triton), absorbed (no K/V), shared (K/V "
                         "once per sample) or reference (see cosmos_fast.ops)")
     loss_impl: str = _f("auto", "contrastive loss: auto, fused (Triton), blockwise or reference (see cosmos_fast.ops)")
+    loss_operands: str = _f("auto", "dtype of the loss's similarity products: auto (bf16 with the fused loss in an AMP "
+                            "run on CUDA, else the features' own), bf16, or fp32 (fp32 / TF32 dots as "
+                            "torch.set_float32_matmul_precision says); accumulation is fp32 in every case")
+    loss_workspace_mb: int = _f(256, "MB of the loss backward's logit-gradient workspace, independent of the batch "
+                                "(>= 1; the blockwise CPU path uses at most its own cache-sized chunk)")
     attention: str = _f("sdpa", "attention backend of both towers: auto, sdpa, math, flash, xformers")
     grad_checkpointing: bool = _f(False, "recompute transformer blocks in backward to save memory")
     truncate_captions: bool = _f(True, "run the captions whose token features no pooler reads (student captions "
@@ -392,6 +399,7 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
     _choice("data.augment", d.augment, AUGMENT_IMPLS)
     _choice("model.pool_impl", cfg.model.pool_impl, ("auto",) + CROSS_POOL_IMPLS)
     _choice("model.loss_impl", cfg.model.loss_impl, ("auto",) + CONTRASTIVE_IMPLS)
+    _choice("model.loss_operands", cfg.model.loss_operands, LOSS_OPERANDS)
     _choice("ema.schedule", e.schedule, EMA_SCHEDULES)
     _choice("ema.order", e.order, EMA_ORDERS)
     _choice("train.precision", t.precision, PRECISIONS)
@@ -416,7 +424,7 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
                           "optimizer: set optim.fused_update=auto or off")
     if world_size > 1 and z.backend == "none":
         raise ConfigError(f"distributed.backend = 'none' but the launcher started {world_size} ranks")
-    for path, value, lo in [("data.batch_size", d.batch_size, 1), ("data.train_num_samples", d.train_num_samples, 1),
+    for path, value, lo in [("model.loss_workspace_mb", cfg.model.loss_workspace_mb, 1), ("data.batch_size", d.batch_size, 1), ("data.train_num_samples", d.train_num_samples, 1),
                             ("data.num_workers", d.num_workers, 0), ("data.num_captions", d.num_captions, 2),
                             ("data.local_crops", d.local_crops, 0), ("data.local_size", d.local_size, 1),
                             ("data.shuffle_buffer", d.shuffle_buffer, 1), ("data.shuffle_initial", d.shuffle_initial, 1),

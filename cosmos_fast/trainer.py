@@ -34,7 +34,7 @@ from .engine import (activation_bytes, build_engine, free_memory_bytes, gathered
                      wants_deepspeed)
 from .eval import evaluate_models, format_results, load_eval_sets, load_shard_retrieval_set, log_to_tensorboard
 from .metrics import MetricsLog, log_train_scalars, open_tensorboard, write_retrieval
-from .ops.contrastive import CosmosLoss
+from .ops.contrastive import CosmosLoss, resolve_contrastive_impl
 from .model import create_model, set_attention_backend
 from .model.checkpoint import check_state_dict, select_state_dict, strip_prefix, torch_load
 from .model.config import resolve_model_config
@@ -60,6 +60,17 @@ class Preempted(RuntimeError):
 def _hms(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def loss_operands(cfg: Config, device: torch.device) -> str:
+    """``model.loss_operands`` for :class:`CosmosLoss`: ``auto`` becomes bf16 when the fused loss runs
+    on CUDA in an AMP run (train.precision amp_bf16 / amp_fp16: autocast hands the loss fp32
+    features), else it stays ``auto`` (the features' own dtype there)."""
+    o = cfg.model.loss_operands
+    if o == "auto" and cfg.train.precision != "fp32" and device.type == "cuda" \
+            and resolve_contrastive_impl(cfg.model.loss_impl, device) == "fused":
+        return "bf16"
+    return o
 
 
 def check_config(cfg: Config, world_size: int = 1, cuda: bool | None = None, check_files: bool = False) -> list[str]:
@@ -164,7 +175,8 @@ class Trainer:
         student.set_grad_checkpointing(cfg.model.grad_checkpointing)
         teacher = build_teacher(student)               # fp32, before any partitioning
         seed_everything(cfg.train.seed + self.rank)
-        self.loss_fn = CosmosLoss(impl=cfg.model.loss_impl, grad_semantics=cfg.distributed.grad_semantics)
+        self.loss_fn = CosmosLoss(impl=cfg.model.loss_impl, grad_semantics=cfg.distributed.grad_semantics,
+                                  operands=loss_operands(cfg, self.device), workspace_mb=cfg.model.loss_workspace_mb)
         self.engine = build_engine(cfg, student, teacher, self.device, rank=self.rank, world=self.world,
                                    deepspeed=self.use_ds,
                                    config_out=self.out / "deepspeed_config.json" if self.is_main else None)

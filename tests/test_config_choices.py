@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,module", [
-    ("CONTRASTIVE_IMPLS", ops), ("CROSS_POOL_IMPLS", ops), ("GRAD_SEMANTICS", contrastive),        # data.augment: transforms reads config's
+    ("CONTRASTIVE_IMPLS", ops), ("CROSS_POOL_IMPLS", ops), ("GRAD_SEMANTICS", contrastive),
+    ("LOSS_OPERANDS", contrastive),        # data.augment: transforms reads config's
     ("MODES", captions), ("STRING_FIELD_POLICIES", captions), ("WORKER_START_METHODS", stream)])
 def test_config_choices_equal_the_implementing_modules(name, module):
     assert getattr(config, name) == getattr(module, name)

@@ -81,6 +81,7 @@ def test_yaml_file_typo_rejected(tmp_path):
     ("data.batch_size=0", "data.batch_size = 0 must be >= 1"), ("data.num_workers=9", "every worker needs a shard"),
     ("data.worker_start=thread", "data.worker_start"), ("model.pool_impl=fast", "model.pool_impl"),
     ("model.loss_impl=tiled", "model.loss_impl"), ("data.augment=simd", "data.augment"),
+    ("model.loss_operands=fp16", "model.loss_operands"), ("model.loss_workspace_mb=0", "model.loss_workspace_mb = 0 must be >= 1"),
     ("data.augment=pil", "data.augment = 'pil' was renamed to 'torchvision'"),       # the old name
 ])
 def test_bad_values_rejected_at_start(data, override, match):

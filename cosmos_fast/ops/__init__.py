@@ -12,9 +12,10 @@ implementations are tested against live in ``cosmos_fast/reference/<op>.py``.
     - ``"reference"`` : the official repeat-the-context formulation (cosmos_fast.reference)
 * ``contrastive`` (the COSMOS loss), selected through ``CosmosLoss(impl=...)``
   (:mod:`cosmos_fast.ops.contrastive`):
-    - ``"fused"``     : Triton kernels (kernels/contrastive.py), no B×B tensor; CUDA, or the Triton
-                        interpreter when TRITON_INTERPRET=1
-    - ``"blockwise"`` : the same algorithm in PyTorch tiles (the CPU path)
+    - ``"fused"``     : Triton kernels (kernels/contrastive.py), no B×B tensor: a one-pass forward
+                        and a bounded-workspace backward; CUDA, or the Triton interpreter when
+                        TRITON_INTERPRET=1
+    - ``"blockwise"`` : the same algorithm and contract in PyTorch tiles (the CPU path)
     - ``"reference"`` : per-pair B×B logits, exactly the official loss
 * ``multicrop`` (one §4.4 crop equal to torchvision's PIL ops bit for bit; :mod:`cosmos_fast.ops.multicrop`):
   the Numba kernel (kernels/multicrop.py) behind ``data.augment: fused`` and DALI's CPU ``hue_mode``

@@ -10,11 +10,13 @@ Notation: U (B×D) student rows on this rank, V (N×D) target columns gathered f
 
     ℓ = 1/(2·B_g) · [Σ_i (rlse_i − S_ii) + Σ_j (clse_j − S_jj)]
 
-with rlse complete on the rank owning row i, and clse_j = logsumexp over the rows of all ranks:
-an all-reduce of the column maxima (MAX) and then of the shifted sums (SUM), so no fixed shift can
-underflow (τ up to 100). Each rank adds the column terms of the columns it owns; the per-pair
-totals and the diagonal terms are summed across ranks, so every rank returns the global loss,
-exactly as the official code (which computes the whole B_g×B_g loss on every rank).
+with rlse complete on the rank owning row i, and clse_j = logsumexp over the rows of all ranks.
+The backends return each column's partial sum against the fixed reference τ, C_j = Σ_i exp(S_ij − τ)
+in fp64 (exact for normalised features, |S| ≤ τ: the terms lie in [e^(−2τ), 1]; far-out inputs
+overflow to a non-finite loss, they are never silently wrong), so ONE SUM all-reduce of C completes
+the columns across ranks and clse = τ + log C. Each rank adds the column terms of the columns it
+owns; the per-pair totals and the diagonal terms are summed across ranks, so every rank returns
+the global loss, exactly as the official code (which computes the whole B_g×B_g loss on every rank).
 
 Gradients (``grad_semantics="official"``, the default): the backward of the LSE op is the gradient
 of the *global* loss restricted to this rank's rows; gathered student targets send their gradient
@@ -29,13 +31,20 @@ the two teacher tensors (no grad). The COSMOS total is
     L_clip   = mean over (c ∈ {0,1}, k) of ℓ(Î_c, T̂_k; τ)                           16 pairs
     L_cosmos = ¼ [L(XI, Ī) + L(XI, T̄) + L(XT, Ī) + L(XT, T̄)] with τ_d                 64 pairs
 
+Inputs are read where they are: a group's students and targets are lists of tensors holding whole
+B- (N-) row blocks — the model's (n·B, D) tensors, or the official API's list of B×D tensors — and
+each tensor gets its own gradient; nothing is concatenated. ``operands`` (``model.loss_operands``)
+casts the LSE part's inputs (e.g. to bf16 for tensor cores; accumulation stays fp32, the diagonal
+term uses the features themselves).
+
 Memory: forward saves the row log-sum-exps (P,Q,B) and column log-sum-exps (P,Q,N) per group;
-backward recomputes S tile by tile.
+backward recomputes S tile by tile and holds the logit gradient only in a workspace of bounded size
+(``model.loss_workspace_mb``; :mod:`cosmos_fast.ops.contrastive_chunks`).
 
 Implementations here: :func:`blockwise_fwd` / :func:`blockwise_bwd` (PyTorch tiles, the kernel's
-CPU twin with its exact contract), the fused kernels of ``kernels/contrastive.py`` (imported on
-first use: triton is an optional dependency), the autograd and distributed glue around both
-(:func:`cosmos_loss_fast`), and :class:`CosmosLoss`.
+CPU twin with its exact contract and algorithm), the fused kernels of ``kernels/contrastive.py``
+(imported on first use: triton is an optional dependency), the autograd and distributed glue around
+both (:func:`cosmos_loss_fast`), and :class:`CosmosLoss`.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..reference.contrastive import cosmos_loss_reference
+from .contrastive_chunks import DEFAULT_WORKSPACE_BYTES, block_index, chunked_backward
 from .switch import impl_override, triton_available, triton_runnable
 
 CONTRASTIVE_IMPLS = ("fused", "blockwise", "reference")
@@ -75,68 +85,71 @@ def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = N
 
 # ------------------------------------------------------------------------- blockwise (PyTorch)
 TILE_M, TILE_N = 256, 1024
+BLOCKWISE_WORKSPACE_BYTES = 32 << 20   # the CPU twin's chunks stay cache-sized whatever the configured limit
 
 
-def blockwise_fwd(u, v, tau, p_count: int, b: int, q_count: int, n: int, tile_m: int = TILE_M,
-                  tile_n: int = TILE_N):
-    """Same contract as kernels.contrastive.contrastive_fwd, in PyTorch tiles (fp32, or fp64 for
-    fp64 inputs)."""
-    acc = torch.promote_types(u.dtype, torch.float32)
+def blockwise_fwd(us, vs, tau, b: int, n: int, tile_m: int = TILE_M, tile_n: int = TILE_N):
+    """Same contract as kernels.contrastive.contrastive_fwd, in PyTorch tiles: ``rlse`` (P,Q,B) in
+    fp32 (fp64 for fp64 inputs) and ``csum`` (P,Q,N) fp64 = Σ_i exp(S_ij − τ) over this rank's rows,
+    each tile's column sum taken against the tile's own maximum and rescaled to the fixed reference
+    τ in fp64 (exact for normalised features: |S| ≤ τ)."""
+    acc = torch.promote_types(us[0].dtype, torch.float32)
+    ui, vi = block_index(us, b), block_index(vs, n)
     t = tau.reshape(()).to(acc)
-    rlse = torch.empty(p_count, q_count, b, device=u.device, dtype=acc)
-    cmax = torch.full((p_count, q_count, n), float("-inf"), device=u.device, dtype=acc)
-    csum = torch.zeros(p_count, q_count, n, device=u.device, dtype=acc)
-    for p in range(p_count):
+    t64 = tau.reshape(()).detach().to(torch.float64)
+    dev = us[0].device
+    rlse = torch.empty(len(ui), len(vi), b, device=dev, dtype=acc)
+    csum = torch.zeros(len(ui), len(vi), n, device=dev, dtype=torch.float64)
+    for p, (tu, o) in enumerate(ui):
         for i0 in range(0, b, tile_m):
-            ut = u[p * b + i0: p * b + min(i0 + tile_m, b)].to(acc) * t
-            for q in range(q_count):
-                row_m = torch.full((ut.shape[0],), float("-inf"), device=u.device, dtype=acc)
-                row_l = torch.zeros(ut.shape[0], device=u.device, dtype=acc)
+            i1 = min(i0 + tile_m, b)
+            ut = us[tu][o + i0:o + i1].to(acc) * t
+            for q, (tv, ov) in enumerate(vi):
+                row_m = torch.full((i1 - i0,), float("-inf"), device=dev, dtype=acc)
+                row_l = torch.zeros(i1 - i0, device=dev, dtype=acc)
                 for j0 in range(0, n, tile_n):
                     j1 = min(j0 + tile_n, n)
-                    s = ut @ v[q * n + j0: q * n + j1].to(acc).T
+                    s = ut @ vs[tv][ov + j0:ov + j1].to(acc).T
                     m_new = torch.maximum(row_m, s.max(dim=1).values)
                     row_l = row_l * torch.exp(row_m - m_new) + torch.exp(s - m_new[:, None]).sum(dim=1)
                     row_m = m_new
-                    cm_old = cmax[p, q, j0:j1]
-                    cm_new = torch.maximum(cm_old, s.max(dim=0).values)
-                    csum[p, q, j0:j1] = (csum[p, q, j0:j1] * torch.exp(cm_old - cm_new)
-                                         + torch.exp(s - cm_new[None, :]).sum(dim=0))
-                    cmax[p, q, j0:j1] = cm_new
-                rlse[p, q, i0:i0 + ut.shape[0]] = row_m + torch.log(row_l)
-    return rlse, cmax, csum
+                    cm = s.max(dim=0).values
+                    cl = torch.exp(s - cm).sum(dim=0)
+                    csum[p, q, j0:j1] += cl.to(torch.float64) * torch.exp(cm.to(torch.float64) - t64)
+                rlse[p, q, i0:i1] = row_m + torch.log(row_l)
+    return rlse, csum
 
 
-def blockwise_bwd(u, v, tau, rlse, clse, coef, p_count: int, b: int, q_count: int, n: int, need_dv: bool,
-                  tile_m: int = TILE_M, tile_n: int = TILE_N):
-    """Same contract as kernels.contrastive.contrastive_bwd, in PyTorch tiles (fp32 accumulation,
-    fp64 for fp64 inputs)."""
-    acc = torch.promote_types(u.dtype, torch.float32)
+def _blockwise_fill(us, vs, tau, rlse, clse, b: int, n: int, acc: torch.dtype):
+    """The blockwise ``fill`` of :func:`chunked_backward`: one chunk's Ĝ in PyTorch, pair by pair."""
     t = tau.reshape(()).to(acc)
-    d = u.shape[1]
-    du = torch.zeros(p_count * b, d, device=u.device, dtype=acc)
-    dv = torch.zeros(q_count * n, d, device=u.device, dtype=acc) if need_dv else None
-    dtau = torch.zeros((), device=u.device, dtype=acc)
-    coef = coef.to(acc)
-    for p in range(p_count):
-        for i0 in range(0, b, tile_m):
-            i1 = min(i0 + tile_m, b)
-            ut = u[p * b + i0: p * b + i1].to(acc)
-            for q in range(q_count):
-                c = coef[p, q]
-                r = rlse[p, q, i0:i1, None]
-                for j0 in range(0, n, tile_n):
-                    j1 = min(j0 + tile_n, n)
-                    vt = v[q * n + j0: q * n + j1].to(acc)
-                    s = (ut * t) @ vt.T
-                    ds = c * (torch.exp(s - r) + torch.exp(s - clse[p, q, None, j0:j1]))
-                    dtau += (ds * s).sum()
-                    du[p * b + i0: p * b + i1] += ds @ vt
-                    if need_dv:
-                        dv[q * n + j0: q * n + j1] += ds.T @ ut
-    du = (du * t).to(u.dtype)
-    dv = (dv * t).to(v.dtype) if need_dv else v.new_empty(0, d)
-    return du, dv, dtau / t
+    vi = block_index(vs, n)
+
+    def fill(rows, q0, q1, coef_hat, g):
+        total = torch.zeros((), dtype=acc, device=g.device)
+        for p, tu, a, z, off, i0 in rows:
+            ut = us[tu][a:z].to(acc) * t
+            for q in range(q0, q1):
+                tv, ov = vi[q]
+                s = ut @ vs[tv][ov:ov + n].to(acc).T
+                gv = g[off:off + z - a, (q - q0) * n:(q - q0 + 1) * n]
+                e2 = torch.sub(s, clse[p, q, None, :]).exp_()
+                gv.copy_(s).sub_(rlse[p, q, i0:i0 + z - a, None]).exp_().add_(e2).mul_(coef_hat[p, q])
+                total += s.mul_(gv).sum()
+        return total
+
+    return fill
+
+
+def blockwise_bwd(us, vs, tau, rlse, clse, coef, b: int, n: int, need_dv: bool,
+                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
+    """Same contract as kernels.contrastive.contrastive_bwd: the chunked backward of
+    :mod:`cosmos_fast.ops.contrastive_chunks` with Ĝ computed in PyTorch (fp32 accumulation, fp64
+    for fp64 inputs); returns (dU per student tensor, dV per target tensor or [], dτ)."""
+    acc = torch.promote_types(us[0].dtype, torch.float32)
+    fill = _blockwise_fill(us, vs, tau, rlse, clse, b, n, acc)
+    return chunked_backward(us, vs, tau, rlse, clse, coef, b, n, need_dv,
+                            min(workspace_bytes, BLOCKWISE_WORKSPACE_BYTES), fill, acc, acc)
 
 
 def _backend(impl: str):
@@ -232,39 +245,42 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class _PairLSE(torch.autograd.Function):
-    """Σ_i rlse_i + Σ_{owned j} clse_j for every pair (P, Q) of a group, summed over ranks."""
+    """Σ_i rlse_i + Σ_{owned j} clse_j for every pair (P, Q) of a group, summed over ranks.
+
+    The student and target tensors come as separate arguments (``spec[0]`` of them students), read
+    in place by the backend, and get their gradients back one per tensor."""
 
     @staticmethod
-    def forward(ctx, u, v, tau, p_count, b, q_count, n, impl, need_dv):
+    def forward(ctx, tau, spec, *blocks):
+        n_u, b, n, impl, need_dv, workspace_bytes = spec
+        us, vs = list(blocks[:n_u]), list(blocks[n_u:])
         fwd, _ = _backend(impl)
-        rlse, cmax, csum = fwd(u, v, tau, p_count, b, q_count, n)
+        rlse, csum = fwd(us, vs, tau, b, n)
         w, rank = world()
         if w > 1:
-            gmax = cmax.clone()
-            dist.all_reduce(gmax, op=dist.ReduceOp.MAX)
-            csum = csum * torch.exp(cmax - gmax)
-            dist.all_reduce(csum)
-            cmax = gmax
-        clse = cmax + torch.log(csum)
+            dist.all_reduce(csum)            # fixed-reference sums: one SUM completes the columns
+        clse = (tau.detach().reshape(()).to(torch.float64) + torch.log(csum)).to(rlse.dtype)
         own = clse[:, :, rank * b:(rank + 1) * b] if w > 1 else clse
         out = rlse.sum(dim=2) + own.sum(dim=2)
         if w > 1:
             dist.all_reduce(out)
-        ctx.save_for_backward(u, v, tau, rlse, clse)
-        ctx.dims = (p_count, b, q_count, n, impl, need_dv)
+        ctx.save_for_backward(tau, rlse, clse, *blocks)
+        ctx.spec = spec
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, v, tau, rlse, clse = ctx.saved_tensors
-        p_count, b, q_count, n, impl, need_dv = ctx.dims
+        tau, rlse, clse, *blocks = ctx.saved_tensors
+        n_u, b, n, impl, need_dv, workspace_bytes = ctx.spec
+        us, vs = blocks[:n_u], blocks[n_u:]
         _, bwd = _backend(impl)
-        need_dv = need_dv and ctx.needs_input_grad[1]
-        with torch.autocast(u.device.type, enabled=False):      # fp32 tiles even if backward runs under autocast
-            du, dv, dtau = bwd(u, v, tau, rlse, clse, grad_out.contiguous(), p_count, b, q_count, n, need_dv)
-        return (du if ctx.needs_input_grad[0] else None, dv if need_dv else None,
-                        dtau.reshape(tau.shape).to(tau.dtype) if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None)
+        need_dv = need_dv and any(ctx.needs_input_grad[2 + n_u:])
+        with torch.autocast(us[0].device.type, enabled=False):   # fp32 accumulation even under autocast
+            du, dv, dtau = bwd(list(us), list(vs), tau, rlse, clse, grad_out.contiguous(), b, n, need_dv,
+                               workspace_bytes)
+        du = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(du)]
+        dv = list(dv) if need_dv else [None] * len(vs)
+        return (dtau.reshape(tau.shape).to(tau.dtype) if ctx.needs_input_grad[0] else None, None, *du, *dv)
 
 
 def _targets_layout(x: torch.Tensor, count: int, b: int, w: int) -> torch.Tensor:
@@ -274,54 +290,140 @@ def _targets_layout(x: torch.Tensor, count: int, b: int, w: int) -> torch.Tensor
     return x.view(w, count, b, -1).transpose(0, 1).reshape(count * w * b, -1)
 
 
-def _diag(u, v, tau, p_count, b, q_count, n, offset):
-    """τ·U_p[i]·V_q[offset + i] summed over i: (P, Q)."""
-    acc = torch.promote_types(u.dtype, torch.float32)
-    up = u[: p_count * b].reshape(p_count, -1)                          # a view: rows are contiguous
-    vq = v.view(q_count, n, -1)[:, offset:offset + b].reshape(q_count, -1)   # a view when W = 1
-    return tau.to(acc) * (up.to(acc) @ vq.to(acc).T)                   # one small matmul, no B×D copies
+class _Diag(torch.autograd.Function):
+    """τ·Σ_i U_p[i]·V_q[offset + i] for every pair: (P, Q), in fp32 (fp64 for fp64 inputs).
+
+    Forward: one small matmul per (student, target) tensor on views of the inputs (no B×D copies
+    when W = 1). Backward writes each tensor's gradient into one buffer with in-place products, so
+    list inputs cost no per-block temporaries."""
+
+    @staticmethod
+    def forward(ctx, tau, spec, *blocks):
+        n_u, b, n, offset = spec
+        us, vs = blocks[:n_u], blocks[n_u:]
+        acc = torch.promote_types(us[0].dtype, torch.float32)
+        ups = [x.reshape(x.shape[0] // b, -1).to(acc) for x in us]
+        vqs = _diag_rows(vs, b, n, offset, acc)
+        dots = torch.cat([torch.cat([up @ vq.T for vq in vqs], dim=1) for up in ups])
+        ctx.save_for_backward(tau, dots, *blocks)
+        ctx.spec = spec
+        return tau.to(acc) * dots
+
+    @staticmethod
+    def backward(ctx, grad):
+        tau, dots, *blocks = ctx.saved_tensors
+        n_u, b, n, offset = ctx.spec
+        us, vs = blocks[:n_u], blocks[n_u:]
+        acc = dots.dtype
+        gt = grad.to(acc) * tau.to(acc)
+        ups = [x.reshape(x.shape[0] // b, -1).to(acc) for x in us]
+        vqs = _diag_rows(vs, b, n, offset, acc)
+        p_at = [0] + [sum(u.shape[0] for u in ups[:i + 1]) for i in range(len(ups))]
+        q_at = [0] + [sum(v.shape[0] for v in vqs[:i + 1]) for i in range(len(vqs))]
+        du = []
+        for i, (x, up) in enumerate(zip(us, ups)):
+            d = torch.zeros_like(up)
+            if ctx.needs_input_grad[2 + i]:
+                for j, vq in enumerate(vqs):
+                    d.addmm_(gt[p_at[i]:p_at[i + 1], q_at[j]:q_at[j + 1]], vq)
+            du.append(d.view(x.shape).to(x.dtype) if ctx.needs_input_grad[2 + i] else None)
+        dv = []
+        for j, (y, vq) in enumerate(zip(vs, vqs)):
+            if not ctx.needs_input_grad[2 + n_u + j]:
+                dv.append(None)
+                continue
+            d = torch.zeros_like(vq)
+            for i, up in enumerate(ups):
+                d.addmm_(gt[p_at[i]:p_at[i + 1], q_at[j]:q_at[j + 1]].T, up)
+            if n == b:
+                dv.append(d.view(y.shape).to(y.dtype))
+            else:                   # only the rows offset..offset+B of each target block get a gradient
+                full = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+                full.view(y.shape[0] // n, n, -1)[:, offset:offset + b] = d.view(-1, b, y.shape[1])
+                dv.append(full)
+        return ((grad * dots).sum().reshape(tau.shape).to(tau.dtype) if ctx.needs_input_grad[0] else None, None,
+                *du, *dv)
 
 
-def group_pair_losses(u, v, tau, p_count: int, b: int, q_count: int, impl: str, need_dv: bool):
-    """Per-pair global symmetric InfoNCE (P, Q) for students u (P·B rows on this rank) and
-    gathered targets v (Q·N rows, N = B·W, target-major)."""
+def _diag_rows(vs, b, n, offset, acc):
+    """Each target tensor's rows offset..offset+B of every block, flattened: (blocks, B·D)."""
+    return [y.view(y.shape[0] // n, n, -1)[:, offset:offset + b].reshape(y.shape[0] // n, -1).to(acc) for y in vs]
+
+
+def _as_operands(xs, dtype):
+    """The LSE part's operands: ``xs`` cast to ``dtype`` (gradients flow back through the cast)."""
+    return list(xs) if dtype is None else [x.to(dtype) for x in xs]
+
+
+def group_pair_losses(us, vs, tau, b: int, impl: str, need_dv: bool, operands: torch.dtype | None = None,
+                      workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
+    """Per-pair global symmetric InfoNCE (P, Q) for student tensors ``us`` (P blocks of B rows on this
+    rank, in one or several tensors) and gathered target tensors ``vs`` (Q blocks of N = B·W rows,
+    target-major). ``operands``: the dtype the LSE part's matrix products read (None: the features'
+    own); the diagonal term always uses the features themselves, in fp32."""
+    if torch.is_tensor(us):
+        us = [us]
+    if torch.is_tensor(vs):
+        vs = [vs]
     w, rank = world()
     n = b * w
     # fp32 arithmetic, also under autocast: there the tiles' matmuls and the diagonal term (one
     # B·D-long dot product per pair) would otherwise run, and be rounded, in 16 bits
-    with torch.autocast(u.device.type, enabled=False):
-        lse = _PairLSE.apply(u, v, tau, p_count, b, q_count, n, impl, need_dv)
-        diag = _diag(u, v, tau, p_count, b, q_count, n, rank * b)
+    with torch.autocast(us[0].device.type, enabled=False):
+        lu, lv = _as_operands(us, operands), _as_operands(vs, operands)
+        spec = (len(lu), b, n, impl, need_dv, workspace_bytes)
+        lse = _PairLSE.apply(tau, spec, *lu, *lv)
+        diag = _Diag.apply(tau, (len(us), b, n, rank * b), *us, *vs)
     if w > 1:
         diag = _SumAcrossRanks.apply(diag)
     return (lse - 2 * diag) / (2 * n)
 
 
+def _rows(xs) -> int:
+    return sum(x.shape[0] for x in xs)
+
+
 def cosmos_loss_fast(s_image, s_text, logit_scale, t_image, t_text, distill_logit_scale, s_xi, s_xt,
-                     batch_size: int, impl: str = "blockwise", grad_semantics: str = "official") -> dict:
-    """COSMOS loss from (n·B, D) feature tensors (crop-/caption-major views of the model outputs)."""
+                     batch_size: int, impl: str = "blockwise", grad_semantics: str = "official",
+                     operands: torch.dtype | None = None, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> dict:
+    """COSMOS loss from feature tensors, each given as one (n·B, D) tensor (crop-/caption-major views
+    of the model outputs) or a list of tensors of whole B-row blocks, read in place (no concatenation).
+    ``s_image`` holds the 2 global crops' blocks (more are ignored)."""
     check_grad_semantics(grad_semantics)
     b = batch_size
+    s_image, s_text, t_image, t_text, s_xi, s_xt = ([x] if torch.is_tensor(x) else list(x)
+                                                    for x in (s_image, s_text, t_image, t_text, s_xi, s_xt))
+    s_image = _first_blocks(s_image, 2, b)
     w, _ = world()
-    n_txt = s_text.shape[0] // b
-    n_xi, n_xt = s_xi.shape[0] // b, s_xt.shape[0] // b
     tau, tau_d = logit_scale, distill_logit_scale
     if w > 1:
         tau, tau_d = _SumGrad.apply(tau), _SumGrad.apply(tau_d)
         if grad_semantics == "exact":
-            s_image, s_text, s_xi, s_xt = (_ScaleGrad.apply(x, float(w)) for x in (s_image, s_text, s_xi, s_xt))
-        text_all = _targets_layout(_GatherWithGrad.apply(s_text), n_txt, b, w)
+            s_image, s_text, s_xi, s_xt = ([_ScaleGrad.apply(x, float(w)) for x in xs]
+                                           for xs in (s_image, s_text, s_xi, s_xt))
+        text_all = [_targets_layout(_GatherWithGrad.apply(x), x.shape[0] // b, b, w) for x in s_text]
         with torch.no_grad():
-            t_img_all = _targets_layout(_all_gather(t_image.detach()), t_image.shape[0] // b, b, w)
-            t_txt_all = _targets_layout(_all_gather(t_text.detach()), t_text.shape[0] // b, b, w)
+            t_img_all = [_targets_layout(_all_gather(x.detach()), x.shape[0] // b, b, w) for x in t_image]
+            t_txt_all = [_targets_layout(_all_gather(x.detach()), x.shape[0] // b, b, w) for x in t_text]
     else:
-        text_all, t_img_all, t_txt_all = s_text, t_image.detach(), t_text.detach()
-    n_ti, n_tt = t_img_all.shape[0] // (b * w), t_txt_all.shape[0] // (b * w)
-    clip = group_pair_losses(s_image[: 2 * b], text_all, tau, 2, b, n_txt, impl, need_dv=True).mean()
-    parts = [group_pair_losses(xs, ts, tau_d, count, b, tq, impl, need_dv=False).mean()
-             for xs, count in ((s_xi, n_xi), (s_xt, n_xt))
-             for ts, tq in ((t_img_all, n_ti), (t_txt_all, n_tt))]
+        text_all = s_text
+        t_img_all, t_txt_all = [x.detach() for x in t_image], [x.detach() for x in t_text]
+    kw = {"operands": operands, "workspace_bytes": workspace_bytes}
+    clip = group_pair_losses(s_image, text_all, tau, b, impl, need_dv=True, **kw).mean()
+    parts = [group_pair_losses(xs, ts, tau_d, b, impl, need_dv=False, **kw).mean()
+             for xs in (s_xi, s_xt) for ts in (t_img_all, t_txt_all)]
     return {"distill_loss": sum(parts) / 4, "clip_loss": clip}
+
+
+def _first_blocks(xs, count: int, b: int):
+    """The tensors (or a leading slice of the last one) holding the first ``count`` B-row blocks."""
+    out, need = [], count * b
+    for x in xs:
+        if need <= 0:
+            break
+        out.append(x if x.shape[0] <= need else x[:need])
+        need -= out[-1].shape[0]
+    return out
 
 
 # ------------------------------------------------------------------------------ the op
@@ -349,21 +451,47 @@ def _blocks(name: str, xs, batch_size, expect_count: int | None = None, width=No
     return blocks, base
 
 
+LOSS_OPERANDS = ("auto", "bf16", "fp32")    # model.loss_operands
+
+
+def resolve_loss_operands(operands: str, impl: str, device: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype the LSE products read: ``"bf16"``, ``"fp32"`` (fp32 features keep fp32 / TF32 dots as
+    ``torch.get_float32_matmul_precision`` says), or ``"auto"``: bf16 for the fused kernels on CUDA
+    in an AMP run, else None (the features' own dtype)."""
+    if operands not in LOSS_OPERANDS:
+        raise ValueError(f"loss operands must be one of {LOSS_OPERANDS}, got {operands!r}")
+    if operands == "bf16":
+        return torch.bfloat16
+    if operands == "fp32":
+        return torch.float32
+    return torch.bfloat16 if amp and impl == "fused" and device.type == "cuda" else None
+
+
 class CosmosLoss(nn.Module):
-    """The contrastive op's entry point: ``CosmosLoss(impl, grad_semantics)(...)``.
+    """The contrastive op's entry point: ``CosmosLoss(impl, grad_semantics, operands, workspace_mb)(...)``.
 
     The forward takes the official keyword arguments — lists of B×D blocks, as the official
-    ``COSMOSLoss`` — or the model's (n·B, D) crop-/caption-major tensors directly with ``batch_size``
-    (no copy: the fused and blockwise paths read them as views). It returns
-    ``{"distill_loss", "clip_loss"}`` with ``output_dict=True``, else their sum. ``grad_semantics``
-    matters only with several ranks (see the module docstring).
+    ``COSMOSLoss`` — or the model's (n·B, D) crop-/caption-major tensors directly with ``batch_size``.
+    Either way the fused and blockwise paths read the tensors in place (no concatenation) and hand
+    each its own gradient. It returns ``{"distill_loss", "clip_loss"}`` with ``output_dict=True``,
+    else their sum. ``grad_semantics`` matters only with several ranks (see the module docstring);
+    ``operands`` picks the dtype of the LSE products (:func:`resolve_loss_operands`; ``"auto"`` reads
+    AMP from the autocast state at the call); ``workspace_mb`` bounds the backward's logit-gradient
+    workspace.
     """
 
-    def __init__(self, impl: str = "auto", grad_semantics: str = "official"):
+    def __init__(self, impl: str = "auto", grad_semantics: str = "official", operands: str = "auto",
+                 workspace_mb: int = DEFAULT_WORKSPACE_BYTES >> 20):
         super().__init__()
         check_grad_semantics(grad_semantics)
         self.impl = resolve_contrastive_impl(impl)
         self.grad_semantics = grad_semantics
+        if operands not in LOSS_OPERANDS:
+            raise ValueError(f"loss operands must be one of {LOSS_OPERANDS}, got {operands!r}")
+        if int(workspace_mb) < 1:
+            raise ValueError(f"loss workspace must be >= 1 MB, got {workspace_mb}")
+        self.operands = operands
+        self.workspace_bytes = int(workspace_mb) << 20
 
     def forward(self, s_image_features, s_text_features, logit_scale, t_image_features,
                 t_text_features, distill_logit_scale, s_img_crossmodal_features,
@@ -378,16 +506,18 @@ class CosmosLoss(nn.Module):
         tt = _blocks("t_text_features", t_text_features, b, 2, shape)
         xi = _blocks("s_img_crossmodal_features", s_img_crossmodal_features, b, None, shape)
         xt = _blocks("s_txt_crossmodal_features", s_txt_crossmodal_features, b, None, shape)
-        impl = resolve_contrastive_impl(self.impl, si[0].device)
+        device = si[0].device
+        impl = resolve_contrastive_impl(self.impl, device)
         if impl == "reference":
             out = cosmos_loss_reference(si, st[0], logit_scale, ti[0], tt[0], distill_logit_scale, xi[0], xt[0])
         else:
-            def base(arg, count=None):   # the (n·B, D) view, or one concatenation of a list
+            def tensors(arg):   # the (n·B, D) tensor itself, or the list's tensors: never concatenated
                 blocks, whole = arg
-                if whole is not None:
-                    return whole if count is None else whole[: count * b]
-                return torch.cat(blocks[:count])
-            out = cosmos_loss_fast(base((si, si_base), 2), base(st), logit_scale, base(ti), base(tt),
-                                   distill_logit_scale, base(xi), base(xt), batch_size=b, impl=impl,
-                                   grad_semantics=self.grad_semantics)
+                return [whole] if whole is not None else blocks
+            amp = device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            out = cosmos_loss_fast(tensors((si, si_base)), tensors(st), logit_scale, tensors(ti), tensors(tt),
+                                   distill_logit_scale, tensors(xi), tensors(xt), batch_size=b, impl=impl,
+                                   grad_semantics=self.grad_semantics,
+                                   operands=resolve_loss_operands(self.operands, impl, device, amp),
+                                   workspace_bytes=self.workspace_bytes)
         return out if output_dict else out["distill_loss"] + out["clip_loss"]
