@@ -21,8 +21,10 @@ size is reported beside it (``input_grad_bytes``) and the rest as ``extra_mem_by
 * ``--memory-sizes``: sizes where only the extra peak memory of fwd+bwd is measured (one run each).
 * ``--kernel-split``: one profiled fwd+bwd per provider and size, device time summed per kernel
   (``kernel_split`` rows).
-* Ablations, as providers when the kernel module offers them: ``fused_sonly`` (the forward's
-  similarity tiles without the exp/log-sum-exp epilogue) and ``fused_v1`` (the previous kernels).
+* Ablations (CUDA, or the interpreter): ``fused_sonly`` — the one-pass forward's grid and products
+  without the exp/log-sum-exp epilogue (fwd only, not checked: it is not the loss) — and
+  ``fused_v1`` — the previous kernels (separate row and column forward passes, separate dU and dV
+  kernels, ``kernels/contrastive_v1.py``), checked against the truth like every provider.
 
 Rows go to bench_results/contrastive/<device>_<date>_<sha>.csv.
 """
@@ -70,19 +72,73 @@ def split_provider(name: str) -> tuple[str, str]:
     return impl, api or "tensor"
 
 
+class _V1PairLSE(torch.autograd.Function):
+    """The previous kernels' glue on one rank (ablation ``fused_v1``): row-LSE and column max/sum
+    kernels, then separate dU and dV kernels."""
+
+    @staticmethod
+    def forward(ctx, u, v, tau, p_count, b, q_count, n, need_dv):
+        from cosmos_fast.kernels import contrastive_v1 as v1     # lazy: triton is optional
+
+        rlse, cmax, csum = v1.contrastive_fwd(u, v, tau, p_count, b, q_count, n)
+        clse = cmax + torch.log(csum)
+        ctx.save_for_backward(u, v, tau, rlse, clse)
+        ctx.dims = (p_count, b, q_count, n, need_dv)
+        return rlse.sum(dim=2) + clse.sum(dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from cosmos_fast.kernels import contrastive_v1 as v1
+
+        u, v, tau, rlse, clse = ctx.saved_tensors
+        p_count, b, q_count, n, need_dv = ctx.dims
+        du, dv, dtau = v1.contrastive_bwd(u, v, tau, rlse, clse, grad.contiguous(), p_count, b, q_count, n, need_dv)
+        return du, (dv if need_dv else None), dtau.reshape(tau.shape).to(tau.dtype), None, None, None, None, None
+
+
+def _groups(kw: dict, b: int):
+    """(students, targets, scale, P, Q, need_dv) of the 1 CLIP and 4 distillation groups, tensor API."""
+    si, st = kw["s_image_features"][: 2 * b], kw["s_text_features"]
+    ti, tt = kw["t_image_features"].detach(), kw["t_text_features"].detach()
+    xi, xt = kw["s_img_crossmodal_features"], kw["s_txt_crossmodal_features"]
+    tau, tau_d = kw["logit_scale"], kw["distill_logit_scale"]
+    out = [("clip", si, st, tau, True)]
+    out += [("distill", xs, ts, tau_d, False) for xs in (xi, xt) for ts in (ti, tt)]
+    return [(g, u, v, t, u.shape[0] // b, v.shape[0] // b, dv) for g, u, v, t, dv in out]
+
+
+def _ablation_v1(**kw):
+    """The 80-pair loss through the previous kernels (one rank, tensor API)."""
+    b = kw["batch_size"]
+    loss = {"clip": [], "distill": []}
+    for group, u, v, tau, p_count, q_count, need_dv in _groups(kw, b):
+        with torch.autocast(u.device.type, enabled=False):
+            lse = _V1PairLSE.apply(u, v, tau, p_count, b, q_count, b, need_dv)
+            diag = tau * (u.float().reshape(p_count, -1) @ v.float().reshape(q_count, -1).T)
+        loss[group].append(((lse - 2 * diag) / (2 * b)).mean())
+    return {"distill_loss": sum(loss["distill"]) / 4, "clip_loss": loss["clip"][0]}
+
+
+def _ablation_s_only(**kw):
+    """The one-pass forward's grid and products without the exp epilogue (not a loss: timing only)."""
+    from cosmos_fast.kernels import contrastive as kmod     # lazy: triton is optional
+
+    b, total = kw["batch_size"], 0.0
+    for _, u, v, tau, _, _, _ in _groups(kw, b):
+        _, csum = kmod.contrastive_fwd_s_only([u.detach()], [v.detach()], tau.detach(), b, b)
+        total = total + csum.sum()
+    return {"distill_loss": total, "clip_loss": torch.zeros_like(total)}
+
+
 def loss_fn(provider):
-    impl, _ = split_provider(provider)
+    impl, api = split_provider(provider)
     if impl == "compile":
         ref = CosmosLoss("reference")
         return torch.compile(lambda **kw: ref(**kw))
     if impl in ABLATIONS:
-        from cosmos_fast.kernels import contrastive as kmod     # lazy: triton is optional
-
-        factories = getattr(kmod, "BENCH_ABLATIONS", {})
-        if impl not in factories:
-            raise SystemExit(f"provider {impl!r}: kernels/contrastive.py offers no such ablation "
-                             f"(has: {sorted(factories) or 'none'})")
-        return factories[impl]()
+        if api == "list":
+            raise SystemExit(f"provider {provider!r}: the ablations take the tensor API only")
+        return {"fused_v1": _ablation_v1, "fused_sonly": _ablation_s_only}[impl]
     return CosmosLoss(impl)
 
 
