@@ -80,6 +80,7 @@ from cosmos_fast.ops.cross_pool import resolve_cross_pool_impl  # noqa: E402
 from cosmos_fast.optim import param_groups  # noqa: E402
 from cosmos_fast.profiling import NULL_TIMER  # noqa: E402
 from cosmos_fast.step import cosmos_forward_loss, train_step  # noqa: E402
+from cosmos_fast.trainer import loss_operands  # noqa: E402
 
 PATHS = ("official", "official_fp16", "generic", "fast")
 MOMENTUM = 0.99                     # the official EMA momentum of the 4096-batch runs
@@ -94,10 +95,10 @@ FAST_OVERRIDES = (
     "ema.order=before_step",
     # "train.compile=true",
     # "train.cuda_graph=true",
-    # "optim.fused_update=true",
-    # "model.truncate_captions=true",
-    # "model.loss_operands=bf16",
-    # "model.loss_workspace_mb=256",
+    "optim.fused_update=auto",
+    "model.truncate_captions=true",
+    "model.loss_operands=auto",
+    "model.loss_workspace_mb=256",
 )
 PHASE_COLS = ("towers_fwd", "pooling", "teacher_fwd", "loss", "backward", "ema", "optimizer", "other")
 # the trainer's phase names → this benchmark's (student_forward is split at the pooling mark)
@@ -308,8 +309,12 @@ def build_fast(cfg, base, teacher, device, sim) -> RankPath:
     student = copy.deepcopy(base)
     student.pool_impl = cfg.model.pool_impl
     student.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    loss_fn = CosmosLoss(impl=cfg.model.loss_impl, grad_semantics=cfg.distributed.grad_semantics)
-    engine = build_engine(cfg, student, copy.deepcopy(teacher), device)
+    student.truncate_captions = cfg.model.truncate_captions
+    t = copy.deepcopy(teacher)
+    t.truncate_captions = cfg.model.truncate_captions
+    loss_fn = CosmosLoss(impl=cfg.model.loss_impl, grad_semantics=cfg.distributed.grad_semantics,
+                         operands=loss_operands(cfg, device), workspace_mb=cfg.model.loss_workspace_mb)
+    engine = build_engine(cfg, student, t, device)
     p = student.text_attn_cross_pool
     info = {"pool_impl": resolve_cross_pool_impl(cfg.model.pool_impl, device, (N_CAPS, p.n_head, p.d_model)),
             "loss_impl": resolve_contrastive_impl(cfg.model.loss_impl, device), "compile": "config",
@@ -387,7 +392,7 @@ def check_every_rank(model="tiny", world: int = 4, batch: int = 8, seed: int = 0
     spec = parse_model(model) if isinstance(model, str) else model
     mcfg = resolve_model_config(spec)
     torch.manual_seed(seed)
-    base = create_model(spec, pool_impl="reference")
+    base = create_model(spec, pool_impl="reference", truncate_captions=False)   # official: 77 tokens
     teacher = build_teacher(base)
     batches = [_batch(mcfg, batch, seed + 100 + r, device) for r in range(world)]
     peers = rank_features(base, teacher, batches, batch)
@@ -506,7 +511,7 @@ def run(args) -> dict:
     spec = parse_model(args.model)
     mcfg = resolve_model_config(spec)
     torch.manual_seed(args.seed)
-    base = create_model(spec, pool_impl="reference").to(device)
+    base = create_model(spec, pool_impl="reference", truncate_captions=False)   # official: 77 tokens.to(device)
     teacher = build_teacher(base)
     n_params = sum(p.numel() for p in base.parameters())
     batch = _batch(mcfg, args.batch, args.seed, device)
