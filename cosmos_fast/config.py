@@ -39,6 +39,7 @@ Optimizer = typing.Literal["torch_adamw", "deepspeed_fused_adam", "apex_fused_ad
 CollectiveBackend = typing.Literal["auto", "nccl", "gloo"]
 GradSemantics = typing.Literal["official", "exact"]
 RetrievalSplit = typing.Literal["official", "karpathy"]
+Toggle = typing.Literal["auto", "on", "off"]
 
 CONTRASTIVE_IMPLS = typing.get_args(ContrastiveImpl)
 CROSS_POOL_IMPLS = typing.get_args(CrossPoolImpl)
@@ -57,6 +58,7 @@ OPTIMIZERS = typing.get_args(Optimizer)
 COLLECTIVE_BACKENDS = typing.get_args(CollectiveBackend)
 GRAD_SEMANTICS = typing.get_args(GradSemantics)
 RETRIEVAL_SPLITS = typing.get_args(RetrievalSplit)
+TOGGLES = typing.get_args(Toggle)
 
 
 
@@ -141,6 +143,10 @@ class TrainSection:
     progress: bool = _f(True, "show a progress bar")
     log_every_steps: int = _f(50, "write a progress line (loss, lr, samples/s, ETA) to train.log every N steps (0 = off)")
     tensorboard: bool = _f(True, "write TensorBoard scalars to OUTPUT/tb")
+    compile: Toggle = _f("auto", "torch.compile each transformer block (one graph per token shape, reused by every "
+                              "layer): auto (on for CUDA, off on CPU and ZeRO-3, the reason logged), on or off")
+    cuda_graph: Toggle = _f("auto", "replay the whole step as one CUDA graph, the non-finite skip decided on the device: "
+                                 "auto (on for one CUDA process with fp32/bf16, else off, the reason logged), on or off")
 
 
 @dataclass
@@ -260,6 +266,11 @@ def _coerce(path: str, value, hint):
             if not math.isfinite(number):
                 raise ConfigError(f"config field {path} = {value!r} must be a finite number")
             return hint(number)
+    elif origin is typing.Literal:                 # an auto/on/off toggle: YAML 1.1 reads on/off as booleans
+        if isinstance(value, bool) and set(typing.get_args(hint)) >= {"on", "off"}:
+            return "on" if value else "off"
+        if isinstance(value, str):
+            return value                           # the choice itself is checked by validate()
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -384,6 +395,8 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
     _choice("ema.schedule", e.schedule, EMA_SCHEDULES)
     _choice("ema.order", e.order, EMA_ORDERS)
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.compile", t.compile, TOGGLES)
+    _choice("train.cuda_graph", t.cuda_graph, TOGGLES)
     z = cfg.distributed
     _choice("distributed.backend", z.backend, DIST_BACKENDS)
     _choice("distributed.zero_stage", z.zero_stage, ZERO_STAGES)

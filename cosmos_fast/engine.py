@@ -115,8 +115,12 @@ class LocalEngine:
         clamp_logit_scales(self.student, self.teacher)
 
     def set_lr(self, lr: float) -> None:
+        """A tensor LR (the CUDA-graph step's capturable optimizer) is filled in place: the graph reads it."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     # -- weights
     def gathered(self, module):

@@ -29,6 +29,7 @@ from .ops.multicrop import numba_available
 from .data.backends import build_loader, resolve_backend
 from .data.stream import StreamSpec, check_pipe_urls, expand_shards, missing_local_shards, steps_per_epoch
 from .device import resolve_device
+from .device_step import DeviceStep, OUT_KEYS, compile_blocker, cuda_graph_blocker
 from .ema import build_teacher
 from .engine import (activation_bytes, build_engine, free_memory_bytes, gathered, init_distributed, memory_plan,
                      wants_deepspeed)
@@ -91,6 +92,13 @@ def check_config(cfg: Config, world_size: int = 1, cuda: bool | None = None, che
         raise ConfigError(f"config field train.precision = {t.precision!r} needs CUDA; use fp32 on CPU")
     if t.device.startswith("cuda") and not cuda:
         raise ConfigError(f"config field train.device = {t.device!r} but CUDA is not available")
+    deepspeed = cfg.distributed.backend == "deepspeed" or world_size > 1
+    blockers = (("train.cuda_graph", t.cuda_graph,
+                 cuda_graph_blocker(cfg, "cuda" if cuda and t.device != "cpu" else "cpu", world_size, deepspeed)),
+                ("train.compile", t.compile, compile_blocker(cfg, world_size, deepspeed)))
+    for path, value, blocker in blockers:
+        if value == "on" and blocker is not None:
+            raise ConfigError(f"config field {path} = 'on' is impossible here: {blocker}; set it to auto or off")
     n_shards = len(expand_shards(d.train_shards))
     for field_name, shards in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
         urls = expand_shards(shards) if shards else []
