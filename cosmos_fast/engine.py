@@ -156,6 +156,11 @@ class LocalEngine:
     def load_training_state(self, body: dict) -> None:
         """The optimizer (and fp16 scaler) state of a file this engine wrote."""
         self.optimizer.load_state_dict(body["optimizer"])
+        for group in self.optimizer.param_groups:     # a CUDA-graph run's file: a plain LR, not capturable
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = float(group["lr"])
+            if group.get("capturable"):
+                group["capturable"] = False
         if self.scaler is not None and "scaler" in body:
             self.scaler.load_state_dict(body["scaler"])
 

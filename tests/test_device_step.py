@@ -3,6 +3,7 @@ skipped on the device (weights, optimizer state and teacher unchanged, one skip 
 ``.item()`` / ``bool()`` during the step), the fallback reasons, and on CUDA the graphed step
 equal to the eager one."""
 import contextlib
+import logging
 import sys
 
 import pytest
@@ -184,3 +185,30 @@ def test_graphed_step_equals_eager_step_on_cuda(nan_batches):
             assert_close(vec[0], out["loss"].float(), rtol=1e-4, atol=1e-5)
     _assert_same(_state(dev), _state(uncaptured))
     assert int(step.skipped) == len(nan_batches)
+
+
+def test_trainer_with_the_device_step_counts_skips_at_flushes(tmp_path, caplog):
+    """The trainer's deferred path (the CUDA graph's, run eagerly here): rows and skip counts reach
+    metrics.jsonl at the flushes as in the eager path; a skipped step keeps its schedule slot."""
+    from test_trainer import rows, small_cfg       # noqa: PLC0415  (the trainer tests' tiny config)
+    from cosmos_fast.data.synthetic import write_demo_data
+    from cosmos_fast.trainer import NonFiniteLossError, Trainer
+
+    data = write_demo_data(tmp_path / "demo", n_train=64, n_val=16, samples_per_shard=16, seed=1)
+    cfg = small_cfg(data, "train.max_nonfinite=2", "train.save_every_steps=2", "train.log_every_steps=2",
+                    "data.batch_size=4", "data.train_num_samples=32")
+    with caplog.at_level(logging.INFO, logger="cosmos_fast"):
+        t = Trainer(cfg, tmp_path / "run")
+    assert "train.cuda_graph = auto: eager step (the device is cpu" in caplog.text
+    assert "train.compile = auto: transformer blocks eager (the device is cpu" in caplog.text
+    loss = FlakyLoss({3, 5, 6})                       # one isolated NaN, then two in a row
+    t.device_step = DeviceStep(t.engine, loss, cfg.ema.order)
+    with caplog.at_level(logging.WARNING, logger="cosmos_fast"), pytest.raises(NonFiniteLossError, match="2 non-finite"):
+        t.train()
+    t.close()
+    r = rows(tmp_path / "run" / "metrics.jsonl")
+    assert [x["step"] for x in r] == [1, 2, 4]
+    assert [x["nonfinite_steps"] for x in r] == [0, 0, 1]
+    assert "step 3: non-finite loss" in caplog.text and "skipped on the device" in caplog.text
+    body = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert body["trainer"]["step"] == 4 and body["trainer"]["nonfinite_total"] == 1
