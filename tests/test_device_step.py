@@ -9,16 +9,18 @@ import sys
 import pytest
 import torch
 
+from test_trainer import rows, small_cfg
 from utils import TINY_MODEL_16, assert_close
 
 from cosmos_fast import CosmosLoss, build_teacher, create_model
 from cosmos_fast.config import ConfigError, load_config
+from cosmos_fast.data.synthetic import write_demo_data
 from cosmos_fast.device_step import OUT_KEYS, DeviceStep, compile_blocker, cuda_graph_blocker
 from cosmos_fast.engine import LocalEngine
 from cosmos_fast.model.cosmos import CosmosCLIP
 from cosmos_fast.optim import build_adamw
 from cosmos_fast.step import train_step
-from cosmos_fast.trainer import check_config
+from cosmos_fast.trainer import NonFiniteLossError, Trainer, check_config
 
 
 def _batch(seed, b=3, device="cpu"):
@@ -190,10 +192,6 @@ def test_graphed_step_equals_eager_step_on_cuda(nan_batches):
 def test_trainer_with_the_device_step_counts_skips_at_flushes(tmp_path, caplog):
     """The trainer's deferred path (the CUDA graph's, run eagerly here): rows and skip counts reach
     metrics.jsonl at the flushes as in the eager path; a skipped step keeps its schedule slot."""
-    from test_trainer import rows, small_cfg       # noqa: PLC0415  (the trainer tests' tiny config)
-    from cosmos_fast.data.synthetic import write_demo_data
-    from cosmos_fast.trainer import NonFiniteLossError, Trainer
-
     data = write_demo_data(tmp_path / "demo", n_train=64, n_val=16, samples_per_shard=16, seed=1)
     cfg = small_cfg(data, "train.max_nonfinite=2", "train.save_every_steps=3", "train.log_every_steps=5",
                     "data.batch_size=4", "data.train_num_samples=32")
