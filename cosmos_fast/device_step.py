@@ -27,7 +27,7 @@ each replay; the optimizer is made capturable (``capturable=True``, tensor LR). 
 shape runs eagerly (logged once).
 
 Where a graph cannot be captured (:func:`cuda_graph_blocker`: CPU, DeepSpeed, the fp16
-GradScaler, a non-capturable optimizer) ``train.cuda_graph = auto`` keeps the eager step and logs
+GradScaler, activation checkpointing, a non-capturable optimizer) ``train.cuda_graph = auto`` keeps the eager step and logs
 why; ``on`` is refused at start (``trainer.check_config``). :func:`compile_blocker` is the same for
 ``train.compile``.
 """
@@ -54,6 +54,9 @@ def cuda_graph_blocker(cfg, device_type: str, world: int, deepspeed: bool) -> st
         return "DeepSpeed's engine step synchronises with the host and communicates outside any graph"
     if cfg.train.precision == "amp_fp16":
         return "train.precision = amp_fp16: the GradScaler reads its inf check on the host every step"
+    if cfg.model.grad_checkpointing:
+        return ("model.grad_checkpointing: the recomputation saves and restores the CUDA RNG state, which a "
+                "capture does not allow")
     if cfg.distributed.optimizer != "torch_adamw":
         return f"distributed.optimizer = {cfg.distributed.optimizer} is not capturable (torch_adamw is)"
     return None

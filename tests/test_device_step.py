@@ -23,6 +23,15 @@ from cosmos_fast.step import train_step
 from cosmos_fast.trainer import NonFiniteLossError, Trainer, check_config
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, 2-thread OpenMP spins turn ms into seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 def _batch(seed, b=3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     crops = [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
@@ -154,6 +163,8 @@ def test_fallback_reasons_and_refused_on():
     assert cuda_graph_blocker(cfg, "cuda", 1, False) is None
     fp16 = load_config("tiny-cpu", base + ["train.precision=amp_fp16"])
     assert "GradScaler" in cuda_graph_blocker(fp16, "cuda", 1, False)
+    ckpt = load_config("tiny-cpu", base + ["model.grad_checkpointing=true"])
+    assert "grad_checkpointing" in cuda_graph_blocker(ckpt, "cuda", 1, False)
     z3 = load_config("tiny-cpu", base + ["distributed.zero_stage=3"])
     assert "ZeRO-3" in compile_blocker(z3, 2, True) and compile_blocker(z3, 1, False) is None
     with pytest.raises(ConfigError, match="train.cuda_graph = 'on'.*device is cpu"):
