@@ -3,8 +3,10 @@ skipped on the device (weights, optimizer state and teacher unchanged, one skip 
 ``.item()`` / ``bool()`` during the step), the fallback reasons, and on CUDA the graphed step
 equal to the eager one."""
 import contextlib
+import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from cosmos_fast.model.cosmos import CosmosCLIP
 from cosmos_fast.optim import build_adamw
 from cosmos_fast.step import train_step
 from cosmos_fast.trainer import NonFiniteLossError, Trainer, check_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import bench_step_paths  # noqa: E402
 
 
 
@@ -221,3 +226,16 @@ def test_trainer_with_the_device_step_counts_skips_at_flushes(tmp_path, caplog):
     assert "step 2: non-finite loss" in caplog.text and "skipped on the device" in caplog.text
     body = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert body["trainer"]["step"] == 3 and body["trainer"]["nonfinite_total"] == 1
+
+
+def test_step_paths_benchmark_smoke(tmp_path):
+    """benchmarks/bench_step_paths.py on CPU (eager vs the sync-free step): equality passes, rows written."""
+    model = json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1,
+                                                        "head_width": 8},
+                        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}})
+    out = bench_step_paths.run(bench_step_paths.parse_args(
+        ["--model", model, "--batch", "2", "--device", "cpu", "--paths", "eager,graph", "--warmup", "1", "--reps", "1",
+         "--results-dir", str(tmp_path)]))
+    assert [r["path"] for r in out["rows"]] == ["eager", "graph"]
+    assert Path(out["csv"]).parent == tmp_path / "step_paths"
+    assert all(r["median_s"] > 0 and r["samples_per_s"] > 0 for r in out["rows"])
