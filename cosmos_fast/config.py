@@ -40,7 +40,7 @@ Optimizer = typing.Literal["torch_adamw", "deepspeed_fused_adam", "apex_fused_ad
 CollectiveBackend = typing.Literal["auto", "nccl", "gloo"]
 GradSemantics = typing.Literal["official", "exact"]
 RetrievalSplit = typing.Literal["official", "karpathy"]
-FusedUpdate = typing.Literal["auto", "on", "off"]
+Toggle = typing.Literal["auto", "on", "off"]
 
 CONTRASTIVE_IMPLS = typing.get_args(ContrastiveImpl)
 LOSS_OPERANDS = typing.get_args(LossOperands)
@@ -60,8 +60,9 @@ OPTIMIZERS = typing.get_args(Optimizer)
 COLLECTIVE_BACKENDS = typing.get_args(CollectiveBackend)
 GRAD_SEMANTICS = typing.get_args(GradSemantics)
 RETRIEVAL_SPLITS = typing.get_args(RetrievalSplit)
-FUSED_UPDATES = typing.get_args(FusedUpdate)
-ON_OFF_FIELDS = ("optim.fused_update",)     # YAML reads a bare on/off as a bool: taken as "on"/"off"
+TOGGLES = typing.get_args(Toggle)
+# YAML reads a bare on/off as a bool: taken as "on"/"off" for these auto/on/off fields
+ON_OFF_FIELDS = ("optim.fused_update", "train.compile", "train.cuda_graph")
 
 
 
@@ -157,6 +158,10 @@ class TrainSection:
     progress: bool = _f(True, "show a progress bar")
     log_every_steps: int = _f(50, "write a progress line (loss, lr, samples/s, ETA) to train.log every N steps (0 = off)")
     tensorboard: bool = _f(True, "write TensorBoard scalars to OUTPUT/tb")
+    compile: Toggle = _f("auto", "torch.compile each transformer block (one graph per token shape, reused by every "
+                              "layer): auto (on for CUDA, off on CPU and ZeRO-3, the reason logged), on or off")
+    cuda_graph: Toggle = _f("auto", "replay the whole step as one CUDA graph, the non-finite skip decided on the device: "
+                                 "auto (on for one CUDA process with fp32/bf16, else off, the reason logged), on or off")
 
 
 @dataclass
@@ -276,6 +281,11 @@ def _coerce(path: str, value, hint):
             if not math.isfinite(number):
                 raise ConfigError(f"config field {path} = {value!r} must be a finite number")
             return hint(number)
+    elif origin is typing.Literal:                 # an auto/on/off toggle: YAML 1.1 reads on/off as booleans
+        if isinstance(value, bool) and set(typing.get_args(hint)) >= {"on", "off"}:
+            return "on" if value else "off"
+        if isinstance(value, str):
+            return value                           # the choice itself is checked by validate()
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -403,11 +413,13 @@ def validate(cfg: Config, world_size: int = 1) -> list[str]:
     _choice("ema.schedule", e.schedule, EMA_SCHEDULES)
     _choice("ema.order", e.order, EMA_ORDERS)
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.compile", t.compile, TOGGLES)
+    _choice("train.cuda_graph", t.cuda_graph, TOGGLES)
     z = cfg.distributed
     _choice("distributed.backend", z.backend, DIST_BACKENDS)
     _choice("distributed.zero_stage", z.zero_stage, ZERO_STAGES)
     _choice("distributed.optimizer", z.optimizer, OPTIMIZERS)
-    _choice("optim.fused_update", cfg.optim.fused_update, FUSED_UPDATES)
+    _choice("optim.fused_update", cfg.optim.fused_update, TOGGLES)
     _choice("distributed.dist_backend", z.dist_backend, COLLECTIVE_BACKENDS)
     _choice("distributed.grad_semantics", z.grad_semantics, GRAD_SEMANTICS)
     _choice("eval.retrieval_split", cfg.eval.retrieval_split, RETRIEVAL_SPLITS)

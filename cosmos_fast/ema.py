@@ -50,15 +50,25 @@ def _param_pairs(teacher: nn.Module, student: nn.Module):
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_T ← m·θ_T + (1 − m)·θ_S over all parameters (buffers are not averaged)."""
-    if not 0.0 <= momentum <= 1.0:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
+    """θ_T ← m·θ_T + (1 − m)·θ_S over all parameters (buffers are not averaged).
+
+    ``momentum`` may be a 0-dim float64 tensor on the parameters' device (the CUDA-graph step,
+    :mod:`cosmos_fast.device_step`): then nothing reads it on the host, the result equals the
+    float path's, and m = 1 leaves the teacher bit-for-bit unchanged (m·θ_T + 0·θ_S with a
+    finite student)."""
+    if not torch.is_tensor(momentum) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
     t_params, s_params = _param_pairs(teacher, student)
     if any(s.dtype != t.dtype for t, s in zip(t_params, s_params)):
         s_params = [s.to(t.dtype) for t, s in zip(t_params, s_params)]
     torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    if torch.is_tensor(momentum):
+        weight = 1.0 - momentum               # fp64 momentum: the weight the float path computes
+        for t, s in zip(t_params, s_params):
+            t.addcmul_(s, weight)             # rounded as add(alpha=...) is: one fused multiply-add
+    else:
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
 @torch.no_grad()

@@ -129,8 +129,12 @@ class LocalEngine:
         clamp_logit_scales(self.student, self.teacher)
 
     def set_lr(self, lr: float) -> None:
+        """A tensor LR (the CUDA-graph step's capturable optimizer) is filled in place: the graph reads it."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     # -- weights
     def gathered(self, module):
@@ -166,6 +170,11 @@ class LocalEngine:
     def load_training_state(self, body: dict) -> None:
         """The optimizer (and fp16 scaler) state of a file this engine wrote."""
         self.optimizer.load_state_dict(body["optimizer"])
+        for group in self.optimizer.param_groups:     # a CUDA-graph run's file: a plain LR, not capturable
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = float(group["lr"])
+            if group.get("capturable"):
+                group["capturable"] = False
         if self.scaler is not None and "scaler" in body:
             self.scaler.load_state_dict(body["scaler"])
 

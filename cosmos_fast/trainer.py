@@ -29,6 +29,7 @@ from .ops.multicrop import numba_available
 from .data.backends import build_loader, resolve_backend
 from .data.stream import StreamSpec, check_pipe_urls, expand_shards, missing_local_shards, steps_per_epoch
 from .device import resolve_device
+from .device_step import DeviceStep, OUT_KEYS, compile_blocker, cuda_graph_blocker
 from .ema import build_teacher
 from .engine import (activation_bytes, build_engine, free_memory_bytes, gathered, init_distributed, memory_plan,
                      wants_deepspeed)
@@ -102,6 +103,13 @@ def check_config(cfg: Config, world_size: int = 1, cuda: bool | None = None, che
         raise ConfigError(f"config field train.precision = {t.precision!r} needs CUDA; use fp32 on CPU")
     if t.device.startswith("cuda") and not cuda:
         raise ConfigError(f"config field train.device = {t.device!r} but CUDA is not available")
+    deepspeed = cfg.distributed.backend == "deepspeed" or world_size > 1
+    blockers = (("train.cuda_graph", t.cuda_graph,
+                 cuda_graph_blocker(cfg, "cuda" if cuda and t.device != "cpu" else "cpu", world_size, deepspeed)),
+                ("train.compile", t.compile, compile_blocker(cfg, world_size, deepspeed)))
+    for path, value, blocker in blockers:
+        if value == "on" and blocker is not None:
+            raise ConfigError(f"config field {path} = 'on' is impossible here: {blocker}; set it to auto or off")
     n_shards = len(expand_shards(d.train_shards))
     for field_name, shards in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
         urls = expand_shards(shards) if shards else []
@@ -198,6 +206,9 @@ class Trainer:
         self.timer = PhaseTimer(enabled=False, device=self.device)   # benchmarks/profile_train.py enables it
         self._last_good = None          # the newest checkpoint with finite weights (written or resumed)
         self._check_memory()
+        self._pending: list[dict] = []      # CUDA-graph steps whose losses the host has not read yet
+        self._timed_steps: list[float] = []
+        self._flush_tick = time.perf_counter()
         if resume:
             if auto:
                 log.info("auto-resume: found %s", resume)
@@ -211,6 +222,7 @@ class Trainer:
                 save_config(cfg, self.out / f"config.resumed-{self.step}.yaml")
         self.tb = open_tensorboard(self.out / "tb", self.step) if cfg.train.tensorboard and self.is_main else None
         self._log_start()
+        self._setup_step_paths()
 
     # the engine's models and optimizer (the student is the unwrapped module under DeepSpeed)
     student = property(lambda self: self.engine.student)
@@ -273,6 +285,30 @@ class Trainer:
                  "(starting at step %d)", self.device, self.cfg.train.precision, self.steps_per_epoch,
                  self.cfg.optim.epochs, self.total_steps, stop, self.step)
 
+    def _setup_step_paths(self) -> None:
+        """``train.compile`` and ``train.cuda_graph``: resolve ``auto``, switch on what runs, log why."""
+        t, dev = self.cfg.train, self.device.type
+        blocker = compile_blocker(self.cfg, self.world, self.use_ds)
+        if t.compile == "auto":
+            self.compiled = dev == "cuda" and blocker is None
+            why = blocker or ("CUDA" if self.compiled else
+                              f"the device is {dev}: there the compile takes minutes and the compiled step was not faster")
+        else:
+            self.compiled, why = t.compile == "on", "set in the config"
+        if self.compiled:
+            self.student.set_compiled_blocks(True)
+            self.teacher.set_compiled_blocks(True)
+        log.info("train.compile = %s: transformer blocks %s (%s)", t.compile,
+                 "compiled (one graph per token shape; the first step includes the compile)" if self.compiled
+                 else "eager", why)
+        blocker = cuda_graph_blocker(self.cfg, dev, self.world, self.use_ds)
+        graph = t.cuda_graph == "on" or (t.cuda_graph == "auto" and blocker is None)
+        self.device_step = DeviceStep(self.engine, self.loss_fn, self.cfg.ema.order, capture=True) if graph else None
+        log.info("train.cuda_graph = %s: %s", t.cuda_graph,
+                 "the step is captured once as a CUDA graph and replayed, non-finite losses skipped on the device "
+                 "(metrics read every train.log_every_steps steps)" if graph
+                 else f"eager step ({blocker or 'set in the config'})")
+
     @property
     def target_steps(self) -> int:
         """The step this run stops at: the schedule's end, or train.max_steps if that comes first."""
@@ -287,13 +323,27 @@ class Trainer:
     def train_step(self, batch) -> dict:
         """One optimizer step on a batch; returns the losses (``finite`` False = step skipped)."""
         lr = self.lr_schedule(self.step)
-        self.engine.set_lr(lr)
         m = self.momentum(self.step)
         crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
         captions = batch["captions"].to(self.device, non_blocking=True)
-        out = train_step(self.engine, self.loss_fn, crops, captions, momentum=m, ema_order=self.cfg.ema.order,
-                         timer=self.timer)
-        out.update(lr=lr, momentum=m)
+        timed = len(self._timed_steps) < 2 and (self.compiled or self.device_step is not None)
+        start = time.perf_counter()
+        if self.device_step is not None:
+            # no host sync: the losses and the skip flag stay on the device until the next flush
+            vec = self.device_step(crops, captions, lr, m)
+            self.step += 1
+            self._pending.append({"step": self.step, "epoch": self.epoch + 1, "time": time.time(), "vec": vec,
+                                  "lr": lr, "momentum": m, "skipped": dict(batch["skipped"])})
+            out = {"finite": True, "deferred": True}
+        else:
+            self.engine.set_lr(lr)
+            out = train_step(self.engine, self.loss_fn, crops, captions, momentum=m, ema_order=self.cfg.ema.order,
+                             timer=self.timer)
+            out.update(lr=lr, momentum=m)
+        if timed:
+            self._time_first_steps(start)
+        if out.get("deferred"):
+            return out
         if not out["finite"]:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
@@ -311,6 +361,46 @@ class Trainer:
         self.step += 1
         return out
 
+    def _time_first_steps(self, start: float) -> None:
+        """Log the compile / warm-up cost: the first step's time against the second's."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._timed_steps.append(time.perf_counter() - start)
+        if len(self._timed_steps) == 2:
+            first, second = self._timed_steps
+            log.info("first step %.2f s, second %.2f s: about %.1f s of torch.compile and warm-up in the first "
+                     "(train.compile %s, train.cuda_graph %s)", first, second, max(first - second, 0.0),
+                     "on" if self.compiled else "off", "on" if self.device_step is not None else "off")
+
+    def _flush(self) -> dict | None:
+        """The CUDA-graph path: read the pending steps' losses on the host (one sync), write their
+        metrics rows and count their non-finite losses as the eager path does (a skipped step
+        writes no row and counts in ``nonfinite_steps``; too many in a row stop the run). Returns
+        the last row written, if any."""
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        values = torch.stack([p["vec"] for p in pending]).tolist()
+        now = time.perf_counter()
+        rate = len(pending) * self.cfg.data.batch_size * self.world / max(now - self._flush_tick, 1e-9)
+        self._flush_tick = now
+        last = None
+        for p, v in zip(pending, values):
+            out = dict(zip(OUT_KEYS, v), lr=p["lr"], momentum=p["momentum"])
+            if not out["finite"]:
+                self.nonfinite_total += 1
+                self.nonfinite_run += 1
+                log.warning("step %d: non-finite loss (clip %s, distill %s); step skipped on the device (%d in a row)",
+                            p["step"], out["clip_loss"], out["distill_loss"], self.nonfinite_run)
+                if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_run} non-finite losses in a row (train.max_nonfinite = "
+                        f"{self.cfg.train.max_nonfinite}); stopping. {self._last_good_text()}")
+                continue
+            self.nonfinite_run = 0
+            last = self._record(out, p["skipped"], rate, step=p["step"], epoch=p["epoch"], when=p["time"])
+        return last
+
     # ----------------------------------------------------------------- train
     def _done(self) -> bool:
         mx = self.cfg.train.max_steps
@@ -324,6 +414,7 @@ class Trainer:
         global_batch = self.cfg.data.batch_size * self.world
         last = {}
         start_step, start_time = self.step, time.perf_counter()
+        self._flush_tick = start_time
         previous_handlers = self._install_stop_handlers()
         try:
             while not self._done():
@@ -332,18 +423,25 @@ class Trainer:
                 for batch in self.loader:
                     self.timer.add("data_wait", time.perf_counter() - tick)
                     out = self.train_step(batch)
-                    if not out["finite"]:
+                    if out.get("deferred"):               # the CUDA-graph step: rows written at flushes
+                        tick = time.perf_counter()
+                        if (t.log_every_steps and self.step % t.log_every_steps == 0) or self._done():
+                            last = self._flush() or last
+                    elif not out["finite"]:
                         continue
-                    now = time.perf_counter()
-                    last = self._record(out, self._global_skips(batch["skipped"]),
-                                        global_batch / max(now - tick, 1e-9))
-                    tick = now
-                    if t.log_every_steps and self.step % t.log_every_steps == 0:
+                    else:
+                        now = time.perf_counter()
+                        last = self._record(out, self._global_skips(batch["skipped"]),
+                                            global_batch / max(now - tick, 1e-9))
+                        tick = now
+                    if last and t.log_every_steps and self.step % t.log_every_steps == 0:
                         self._log_progress(last, start_step, start_time)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", clip=f"{last['clip_loss']:.4f}",
-                                    distill=f"{last['distill_loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}",
-                                    skipped=sum(last["skipped_samples"].values()))
+                    if last:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", clip=f"{last['clip_loss']:.4f}",
+                                        distill=f"{last['distill_loss']:.4f}",
+                                        samples_s=f"{last['samples_per_s']:.1f}",
+                                        skipped=sum(last["skipped_samples"].values()))
                     if t.save_every_steps and self.step % t.save_every_steps == 0:
                         self.save()
                     if t.eval_every_steps and self.step % t.eval_every_steps == 0 and self.cfg.data.val_shards:
@@ -359,6 +457,7 @@ class Trainer:
                     if self._done():
                         break
                 if self.loader.consumed >= self.steps_per_epoch:      # the epoch is complete
+                    last = self._flush() or last
                     log.info("epoch %d done at step %d; skipped samples so far: %s; non-finite steps: %d; "
                              "fp16 overflows: %d", self.epoch + 1, self.step, self.loader.skipped or "none",
                              self.nonfinite_total, self.overflows)
@@ -369,6 +468,7 @@ class Trainer:
             bar.close()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
+        last = self._flush() or last
         if self._saved_step != self.step:
             self.save()
         elapsed = time.perf_counter() - start_time
@@ -420,8 +520,10 @@ class Trainer:
                 total[k] = total.get(k, 0) + v
         return total
 
-    def _record(self, out: dict, skipped: dict, samples_per_s: float) -> dict:
-        row = {"step": self.step, "epoch": self.epoch + 1, "time": round(time.time(), 3), "loss": float(out["loss"]), "clip_loss": float(out["clip_loss"]),
+    def _record(self, out: dict, skipped: dict, samples_per_s: float, *, step: int | None = None,
+                epoch: int | None = None, when: float | None = None) -> dict:
+        row = {"step": self.step if step is None else step, "epoch": self.epoch + 1 if epoch is None else epoch,
+               "time": round(time.time() if when is None else when, 3), "loss": float(out["loss"]), "clip_loss": float(out["clip_loss"]),
                "distill_loss": float(out["distill_loss"]), "lr": out["lr"], "momentum": out["momentum"],
                "logit_scale": float(out["logit_scale"]), "distill_logit_scale": float(out["distill_logit_scale"]),
                "samples_per_s": samples_per_s, "skipped_samples": dict(skipped),
@@ -515,6 +617,7 @@ class Trainer:
     def save(self, epoch_file: bool = False) -> Path | None:
         """Checkpoint the run in the engine's format (an official-format file, or a DeepSpeed tag folder).
         Non-finite weights are never written: NonFiniteLossError names the newest finite checkpoint."""
+        self._flush()                        # the CUDA-graph steps' rows and skip counts first
         if not self.weights_finite():
             raise NonFiniteLossError(f"the weights are non-finite at step {self.step}: not saving a checkpoint. "
                                      f"{self._last_good_text()}")

@@ -164,6 +164,12 @@ class CosmosCLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
 
+    def set_compiled_blocks(self, enable: bool = True, backend: str = "inductor") -> None:
+        """Run both towers' blocks through one shared ``torch.compile``'d block call in training
+        mode (:func:`cosmos_fast.model.layers.compiled_block`); eager when False or in ``eval()``."""
+        self.visual.transformer.compiled = backend if enable else None
+        self.transformer.compiled = backend if enable else None
+
     # --------------------------------------------------------------- encoders
     def encode_image(self, image: torch.Tensor, normalize: bool = True, return_tokens: bool = False):
         """Global image embedding (N×D); with ``return_tokens`` also the patch tokens after

@@ -77,20 +77,45 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _run_block(block: ResidualAttentionBlock, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    return block(x, causal=causal)
+
+
+_compiled_blocks: dict = {}
+
+
+def compiled_block(backend: str = "inductor"):
+    """The one ``torch.compile``'d block call every compiled :class:`Transformer` shares (regional
+    compilation). The block is an argument, so its weights are graph inputs and one graph serves
+    every layer of every tower of every model with that token shape; ``dynamic=False`` keeps one
+    graph per static shape (224-px crops, 96-px crops, captions; with and without grad). Tests
+    pass ``backend="aot_eager"``: the same tracing without inductor's code generation."""
+    if backend not in _compiled_blocks:
+        _compiled_blocks[backend] = torch.compile(_run_block, backend=backend, dynamic=False)
+    return _compiled_blocks[backend]
+
+
 class Transformer(nn.Module):
+    """The residual blocks. With ``compiled`` set to a ``torch.compile`` backend name
+    (:meth:`cosmos_fast.model.CosmosCLIP.set_compiled_blocks`) each block runs through
+    :func:`compiled_block` in training mode; ``eval()`` runs them eagerly, so evaluation's other
+    batch sizes compile nothing."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.width, self.layers = width, layers
         self.grad_checkpointing = False
+        self.compiled: str | None = None
         self.resblocks = nn.ModuleList(
             ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        run = compiled_block(self.compiled) if self.compiled and self.training else _run_block
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(run, block, x, causal, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = run(block, x, causal)
         return x
 
 
