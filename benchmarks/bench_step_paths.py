@@ -8,7 +8,9 @@ must equal the eager path's (fp32 rel. err ≤ 1e-4; bf16 ≤ 2e-2, two rounding
 Then ``--warmup`` untimed steps (they include the compile, Triton autotuning and the graph
 capture, whose time is reported as ``first_steps_s``) and ``--reps`` timed steps per path, paths
 interleaved step by step, each step synchronised (host wall time). On CPU the "graph" path is the
-same step without host syncs run eagerly (no capture on CPU); compiling on CPU takes minutes.
+same step without host syncs run eagerly (no capture on CPU); compiling on CPU takes minutes. Every
+path runs full-length captions with torch's AdamW: the graphed step takes neither caption truncation
+(a host read of the length) nor the fused EMA + AdamW yet (``cuda_graph_blocker``).
 
     python benchmarks/bench_step_paths.py --model ViT-B-16 --batch 64           # GPU
     python benchmarks/bench_step_paths.py --model tiny --batch 8 --device cpu --paths eager,graph
@@ -89,7 +91,7 @@ def run(args) -> dict:
         raise SystemExit(f"--paths: choose among {PATHS}, eager included (the reference); got {paths}")
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(args.seed)
-    student = create_model(parse_model(args.model)).to(device)
+    student = create_model(parse_model(args.model), truncate_captions=False).to(device)
     teacher = build_teacher(student)
     cfg = student.cfg
     local = args.local_size or (96 if cfg.vision_cfg.image_size == 224 else cfg.vision_cfg.image_size // 2)

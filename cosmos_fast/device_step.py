@@ -27,7 +27,9 @@ each replay; the optimizer is made capturable (``capturable=True``, tensor LR). 
 shape runs eagerly (logged once).
 
 Where a graph cannot be captured (:func:`cuda_graph_blocker`: CPU, DeepSpeed, the fp16
-GradScaler, activation checkpointing, a non-capturable optimizer) ``train.cuda_graph = auto`` keeps the eager step and logs
+GradScaler, activation checkpointing, a non-capturable optimizer, the fused EMA + AdamW of
+``optim.fused_update`` — not wired into the graph yet —, caption truncation, whose length is read
+on the host) ``train.cuda_graph = auto`` keeps the eager step and logs
 why; ``on`` is refused at start (``trainer.check_config``). :func:`compile_blocker` is the same for
 ``train.compile``.
 """
@@ -59,6 +61,12 @@ def cuda_graph_blocker(cfg, device_type: str, world: int, deepspeed: bool) -> st
                 "capture does not allow")
     if cfg.distributed.optimizer != "torch_adamw":
         return f"distributed.optimizer = {cfg.distributed.optimizer} is not capturable (torch_adamw is)"
+    if cfg.model.truncate_captions:
+        return ("model.truncate_captions: the caption length is read on the host every step (set "
+                "model.truncate_captions=false to capture the step)")
+    if cfg.optim.fused_update != "off":
+        return (f"optim.fused_update = {cfg.optim.fused_update}: the fused EMA + AdamW pass is not wired into the "
+                f"graphed step yet (set optim.fused_update=off to capture the step with torch's capturable AdamW)")
     return None
 
 

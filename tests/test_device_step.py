@@ -63,7 +63,7 @@ class FlakyLoss(CosmosLoss):
 
 def _engine(device="cpu", seed=0):
     torch.manual_seed(seed)
-    student = create_model(TINY_MODEL_16).to(device)
+    student = create_model(TINY_MODEL_16, truncate_captions=False).to(device)   # its length is a host read
     teacher = build_teacher(student)
     teacher.requires_grad_(False)
     with torch.no_grad():                       # a teacher unlike the student: the EMA is visible
@@ -165,6 +165,11 @@ def test_fallback_reasons_and_refused_on():
     cfg = load_config("tiny-cpu", base)
     assert "device is cpu" in cuda_graph_blocker(cfg, "cpu", 1, False)
     assert "DeepSpeed" in cuda_graph_blocker(cfg, "cuda", 2, True)
+    assert "model.truncate_captions" in cuda_graph_blocker(cfg, "cuda", 1, False)
+    base += ["model.truncate_captions=false"]
+    assert "optim.fused_update = auto" in cuda_graph_blocker(load_config("tiny-cpu", base), "cuda", 1, False)
+    base += ["optim.fused_update=off"]
+    cfg = load_config("tiny-cpu", base)
     assert cuda_graph_blocker(cfg, "cuda", 1, False) is None
     fp16 = load_config("tiny-cpu", base + ["train.precision=amp_fp16"])
     assert "GradScaler" in cuda_graph_blocker(fp16, "cuda", 1, False)
