@@ -146,7 +146,8 @@ def test_help_config_columns_align_on_the_longest_key():
     ("optim.wd=0.1", r"did you mean 'weight_decay'\?"),         # the reverse
     ("data.batch_sise=4", r"did you mean 'batch_size'\?"),      # spelling (difflib)
     ("optim.clip_grad=1", r"did you mean 'grad_clip_norm'\?"),   # the one option sharing most words
-    ("model.colour=1", r"; known: name, pool_impl, loss_impl, attention, grad_checkpointing, truncate_captions$"),  # no match
+    ("model.colour=1", r"; known: name, pool_impl, loss_impl, loss_operands, loss_workspace_mb, attention,"
+     r" grad_checkpointing, truncate_captions$"),  # no match
     ("optim.lr_decay_epochs=1", r"; known: lr, beta1"),         # ties between shared words: the list
 ])
 def test_unknown_field_suggests_or_lists(override, expect):
