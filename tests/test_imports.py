@@ -164,6 +164,8 @@ LATE_IMPORTS = {
     ("cosmos_fast.ops.multicrop", "cosmos_fast.kernels.multicrop"): "the kernel module imports numba (optional)",
     ("benchmarks.bench_contrastive", "cosmos_fast.kernels.contrastive"): "the kernel module imports triton "
                                                                            "(optional; only the ablation providers)",
+    ("benchmarks.bench_contrastive", "cosmos_fast.kernels.contrastive_v1"): "the previous kernels import triton "
+                                                                              "(optional; the fused_v1 ablation)",
     ("benchmarks.bench_cross_pool", "cosmos_fast.kernels.cross_pool"): "the kernel module imports triton "
                                                                         "(optional; CPU runs have no fused rows)",
     ("benchmarks.bench_train", "cosmos_fast.data.backends"): "the DALI backend is optional: fallback on ImportError",
