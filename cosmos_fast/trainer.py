@@ -420,7 +420,7 @@ class Trainer:
             while not self._done():
                 self.loader.set_epoch(self.epoch)
                 tick = time.perf_counter()
-                for batch in self.loader:
+                for batch in self._batches():
                     self.timer.add("data_wait", time.perf_counter() - tick)
                     out = self.train_step(batch)
                     if out.get("deferred"):               # the CUDA-graph step: rows written at flushes
@@ -449,11 +449,7 @@ class Trainer:
                     if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
                         self.zero_shot_eval()
                     if self._should_stop():
-                        name = signal.Signals(self._stop_signal).name
-                        log.warning("%s received: saving a checkpoint at step %d and exiting", name, self.step)
-                        self.save()
-                        raise Preempted(f"stopped by {name} after step {self.step}; checkpoint saved",
-                                        self._stop_signal)
+                        self._stop_with_checkpoint()
                     if self._done():
                         break
                 if self.loader.consumed >= self.steps_per_epoch:      # the epoch is complete
@@ -501,6 +497,28 @@ class Trainer:
             self._stop_requested = True
             self._stop_signal = signum
         return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_with_checkpoint(self):
+        name = signal.Signals(self._stop_signal).name
+        log.warning("%s received: saving a checkpoint at step %d and exiting", name, self.step)
+        self.save()
+        raise Preempted(f"stopped by {name} after step {self.step}; checkpoint saved", self._stop_signal)
+
+    def _batches(self):
+        """The loader's batches. Ctrl-C reaches the loader's workers too (one process group) and they
+        exit: when that happens while this process waits for a batch, the stop that was asked for
+        happens here, at the same step boundary, instead of a "worker exited" error."""
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:
+                if not self._stop_requested:
+                    raise
+                self._stop_with_checkpoint()
+            yield batch
 
     def _should_stop(self) -> bool:
         if self.world == 1:
