@@ -85,7 +85,7 @@ def resolve_contrastive_impl(impl: str = "auto", device: torch.device | None = N
 
 # ------------------------------------------------------------------------- blockwise (PyTorch)
 TILE_M, TILE_N = 256, 1024
-BLOCKWISE_WORKSPACE_BYTES = 32 << 20   # the CPU twin's chunks stay cache-sized whatever the configured limit
+BLOCKWISE_WORKSPACE_BYTES = 16 << 20   # the CPU twin's chunks stay cache-sized whatever the configured limit
 
 
 def blockwise_fwd(us, vs, tau, b: int, n: int, tile_m: int = TILE_M, tile_n: int = TILE_N):
