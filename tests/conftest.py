@@ -16,6 +16,16 @@ FIXTURE = Path(os.environ.get("COSMOS_FAST_FIXTURE",
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test (modules opt in with ``pytestmark``): on a shared 2-core machine,
+    2-thread OpenMP spins turn milliseconds into seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _load_official():
     if not FIXTURE.is_file():
         if os.environ.get("CI"):

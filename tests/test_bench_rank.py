@@ -22,12 +22,7 @@ ROWS = {"s_image_features": 8, "s_text_features": 8, "t_image_features": 2, "t_t
         "s_img_crossmodal_features": 8, "s_txt_crossmodal_features": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py
 
 
 def test_every_rank_equals_official_and_sums_to_the_full_batch():

@@ -23,13 +23,7 @@ TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 16, "wid
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2-thread OpenMP spins turn ms into seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py
 
 
 def _read(path):

@@ -27,13 +27,8 @@ FUSED = pytest.param("fused", marks=pytest.mark.skipif(not triton_runnable(torch
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2-thread OpenMP spins turn ms into seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py
+
 
 def _feats(n, g):
     return F.normalize(torch.randn(n * B, D, generator=g), dim=-1).requires_grad_()

@@ -29,13 +29,8 @@ from benchmarks import bench_step_paths  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2-thread OpenMP spins turn ms into seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")    # conftest.py
+
 
 def _batch(seed, b=3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
