@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .contrastive import _dot_precision   # the current kernels' rule: fp32 follows torch's matmul setting
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_D = 1024
 
@@ -219,15 +221,6 @@ def _blocks(d: int, dtype: torch.dtype):
         else:
             break
     return bm, bn, block_d, 8 if block_d >= 512 else 4, stages
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow PyTorch's fp32 matmul setting (``torch.set_float32_matmul_precision``): IEEE
-    fp32 products by default ("highest"), TF32 when the user allows it; 16-bit inputs use their own
-    tensor-core products (the setting does not apply to them)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
 
 
 def _check(u, v, tau, p_count, b, q_count, n):
