@@ -68,6 +68,30 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 # ----------------------------------------------------------------------------------- kernels
 @triton.jit
+def _s_tile(a_rows, b_cols, row_ok, col_ok, D, CAST_F32: tl.constexpr, EVEN_K: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The (BM, BN) fp32 tile of dot products between the rows at pointers ``a_rows`` (BM,) and the
+    rows at ``b_cols`` (BN,), D streamed in BK chunks (masked beyond D unless EVEN_K)."""
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, D, BK):
+        k = k0 + offs_k
+        a_ptr = a_rows[:, None] + k[None, :]
+        b_ptr = b_cols[None, :] + k[:, None]
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
+            bt = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptr, mask=row_ok[:, None] & (k < D)[None, :], other=0.0)
+            bt = tl.load(b_ptr, mask=col_ok[None, :] & (k < D)[:, None], other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(
     A_PT, A_ST, B_PT, B_ST,           # int64 tables: base address and row stride of each A / B block
     TAU, STAT_A, STAT_B,              # scale; fp64 sums Σ exp(S − τ) of the A side and the B side
@@ -98,7 +122,6 @@ def _fwd_kernel(
     split = pid % splits
     rows = a_tile * BM + tl.arange(0, BM)
     row_ok = rows < MA
-    offs_k = tl.arange(0, BK)
     tau = tl.load(TAU).to(tl.float32)
     scale = tau * 1.4426950408889634                  # log2 e folded into the scale: exp2 below
     tau2 = tau.to(tl.float64) * 1.4426950408889634
@@ -109,21 +132,8 @@ def _fwd_kernel(
     for t in range(t0, t1):
         cols = t * BN + tl.arange(0, BN)
         col_ok = cols < MB
-        acc = tl.zeros((BM, BN), tl.float32)
-        for k0 in range(0, D, BK):
-            k = k0 + offs_k
-            a_ptr = a_base + rows[:, None] * a_st + k[None, :]
-            b_ptr = b_base + cols[None, :] * b_st + k[:, None]
-            if EVEN_K:
-                a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
-                bt = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptr, mask=row_ok[:, None] & (k < D)[None, :], other=0.0)
-                bt = tl.load(b_ptr, mask=col_ok[None, :] & (k < D)[:, None], other=0.0)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+        acc = _s_tile(a_base + rows * a_st, b_base + cols * b_st, row_ok, col_ok, D, CAST_F32, EVEN_K,
+                      DOT_PRECISION, BM, BN, BK)
         if S_ONLY:                    # ablation: the products and a max, without the exp epilogue
             m_a = tl.maximum(m_a, tl.max(acc, axis=1))
         else:
@@ -169,22 +179,8 @@ def _grad_kernel(
     v_st = tl.load(V_ST + q)
     cols = (pid_n % N_COL_TILES) * BN + tl.arange(0, BN)
     col_ok = cols < N
-    offs_k = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, D, BK):
-        k = k0 + offs_k
-        a_ptr = u_base[:, None] + i[:, None] * u_st[:, None] + k[None, :]
-        b_ptr = v_base + cols[None, :] * v_st + k[:, None]
-        if EVEN_K:
-            a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
-            bt = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptr, mask=row_ok[:, None] & (k < D)[None, :], other=0.0)
-            bt = tl.load(b_ptr, mask=col_ok[None, :] & (k < D)[:, None], other=0.0)
-        if CAST_F32:
-            a = a.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    acc = _s_tile(u_base + i * u_st, v_base + cols * v_st, row_ok, col_ok, D, CAST_F32, EVEN_K, DOT_PRECISION,
+                  BM, BN, BK)
     tau = tl.load(TAU).to(tl.float32)
     s = acc * tau
     s2 = acc * (tau * 1.4426950408889634)
